@@ -1,0 +1,37 @@
+"""nexus_lessons: the finished, importable version of every technique the course builds.
+
+Data flow, in the order the lessons build it: model -> cache -> kernels -> decoders -> engine.
+"""
+
+from .config import ModelConfig
+from .generate import generate, left_pad
+from .kv_cache import CacheFullError, DynamicKVCache, KVCache
+from .loading import from_hf, load_model, save_pretrained
+from .model import Transformer
+from .sampling import logits_to_probs, sample_next
+
+
+def __getattr__(name: str):
+    # The benchmark pulls in matplotlib; import it only when asked for.
+    if name == "InferenceBenchmark":
+        from .bench.suite import InferenceBenchmark
+
+        return InferenceBenchmark
+    raise AttributeError(f"module 'nexus_lessons' has no attribute {name!r}")
+
+
+__all__ = [
+    "CacheFullError",
+    "DynamicKVCache",
+    "InferenceBenchmark",
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "from_hf",
+    "generate",
+    "left_pad",
+    "load_model",
+    "logits_to_probs",
+    "sample_next",
+    "save_pretrained",
+]

@@ -1,0 +1,130 @@
+"""Autoregressive generation: the recompute baseline and the cached loop, one function.
+
+`cache=None` re-runs the model over the whole sequence for every new token (O(T^2) work per token
+in attention, O(T) in the MLPs). With a cache, the prompt is run once (prefill) and every later step
+feeds only the newest token (decode).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .kv_cache import DynamicKVCache, KVCache
+from .sampling import sample_next, validate_sampling
+
+
+def left_pad(prompts: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad_token_id: int = 0,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged prompts -> (input_ids [B, T], attention_mask [B, T]), padded on the left like transformers."""
+    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    T = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - r.numel():] = r
+        mask[i, T - r.numel():] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _as_batch(model, input_ids, attention_mask, pad_token_id):
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq] or [seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError("empty prompt: input_ids has no tokens")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError("attention_mask must have the shape of input_ids")
+        if attention_mask is not None and not bool(attention_mask.any(dim=1).all()):
+            raise ValueError("empty prompt: a row of attention_mask has no real token")
+        return input_ids, attention_mask
+    if isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], int):
+        return left_pad(input_ids, pad_token_id, model.device)
+    if isinstance(input_ids, (list, tuple)):
+        return _as_batch(model, torch.tensor(input_ids, dtype=torch.long, device=model.device), attention_mask, pad_token_id)
+    raise TypeError(f"input_ids must be a LongTensor or a list of token-id lists, got {type(input_ids).__name__}")
+
+
+def make_cache(kind: str, model, batch_size: int, max_seq_len: int):
+    """Build a cache by name: "static" (preallocated `KVCache`) or "dynamic" (`DynamicKVCache`)."""
+    if kind == "static":
+        return KVCache.for_model(model, batch_size, max_seq_len)
+    if kind == "dynamic":
+        return DynamicKVCache()
+    raise ValueError(f"unknown cache kind {kind!r}: use 'static', 'dynamic' or a cache object")
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    cache=None,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` tokens; returns LongTensor [B, T + n], prompt included.
+
+    `input_ids` is [B, T] (left-padded, with `attention_mask`, like transformers), [T], or a list of
+    token-id lists of any lengths (padded here). `cache` is None (recompute everything each step),
+    "static", "dynamic", or a cache object (reset here, then filled). Rows that emit an eos token are
+    padded with `pad_token_id` (default: the first eos id) until every row is done, like transformers.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    validate_sampling(temperature, top_k, top_p)
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    input_ids, attention_mask = _as_batch(model, input_ids, attention_mask, pad)
+    if input_ids.device != model.device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}")
+    B, T = input_ids.shape
+    if max_new_tokens == 0:
+        return input_ids.clone()
+
+    if isinstance(cache, str):
+        cache = make_cache(cache, model, B, T + max_new_tokens)
+    if cache is not None:
+        capacity = getattr(cache, "max_seq_len", None)
+        if capacity is not None and T + max_new_tokens - 1 > capacity:
+            raise ValueError(
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) - 1 = {T + max_new_tokens - 1} tokens "
+                f"exceed the cache's max_seq_len {capacity}"
+            )
+        cache.reset()
+
+    eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens, mask = input_ids, attention_mask
+    step_input = input_ids
+    for _ in tqdm(range(max_new_tokens), disable=not progress, desc="generate", leave=False):
+        if cache is None:
+            logits = model(tokens, attention_mask=mask)[:, -1]
+        else:
+            step_mask = mask if step_input is input_ids else None
+            logits = model(step_input, cache=cache, attention_mask=step_mask)[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos:
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()):
+                break
+        step_input = nxt[:, None]
+    return tokens

@@ -1,0 +1,193 @@
+"""One Llama-family decoder for the whole course (RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias).
+
+The model never changes between lessons. Its attention layer computes q, k, v and applies RoPE; then,
+if it was given a cache, it hands (q, k, v) to `cache.attend(layer, q, k, v)`, and the cache decides
+how to store K/V and how to attend over what it holds. Lessons add caches, not models.
+
+Cache protocol (see `kv_cache.KVCache` for the contiguous one):
+    positions = cache.begin_forward(input_ids, attention_mask)   # reserves room, returns RoPE positions [B, T]
+    out = cache.attend(layer_idx, q, k, v)                      # q [B, Hq, T, D], k/v [B, Hkv, T, D]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention_mask, sdpa
+from .config import ModelConfig, llama3_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like transformers does, then cast back: bf16 variance is too coarse.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, computed in float32 (positions up to 1e5 need it)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if config.rope_scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]. The non-interleaved (rotate-half) convention of HF Llama."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = sdpa(q, k, v, mask, causal=True)  # the baseline: attend over the whole sequence again
+        else:
+            out = cache.attend(self.layer_idx, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """A Llama / Qwen2 / Mistral decoder. Parameter names match transformers' (minus the `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab]. Without a cache: the full causal forward over `input_ids`.
+
+        With a cache: `input_ids` are the new tokens only; the cache supplies everything before them.
+        `attention_mask` [B, T] marks real tokens (1) and left padding (0), as in transformers.
+        """
+        return self.lm_head(self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids))
+
+    def hidden_states(self, input_ids, *, cache=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The final normalised hidden states [B, T, hidden] (what draft heads in later lessons read)."""
+        self._check_input(input_ids, attention_mask)
+        B, T = input_ids.shape
+        mask = None
+        if cache is not None:
+            positions = cache.begin_forward(input_ids, attention_mask)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            valid = attention_mask.bool()
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            mask = attention_mask_for_padding(valid)
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if position_ids is not None:
+            positions = position_ids
+        self._check_window(positions)
+        cos, sin = self.rotary(positions, self.dtype)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask)
+        return self.norm(x)
+
+    def _check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D LongTensor [batch, seq], got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+
+    def _check_window(self, positions: torch.Tensor) -> None:
+        w = self.config.sliding_window
+        if w is not None and positions.numel() and int(positions.max()) >= w:
+            raise NotImplementedError(f"sequence longer than the sliding window ({w} tokens) is not supported")
+
+
+def attention_mask_for_padding(valid: torch.Tensor) -> torch.Tensor:
+    """The no-cache mask for left-padded batches: causal, padded keys hidden."""
+    T = valid.shape[1]
+    slots = torch.arange(T, device=valid.device).expand_as(valid)
+    return attention_mask(slots, valid)
