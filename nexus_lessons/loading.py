@@ -44,13 +44,8 @@ def from_hf(hf_model: Any) -> Transformer:
     """Our `Transformer` with the weights of a transformers Llama / Qwen2 / Mistral model (same device and dtype)."""
     config = ModelConfig.from_hf(hf_model.config)
     p = next(hf_model.parameters())
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=p.device).to(p.dtype)
-    model.rotary.__init__(config)  # buffers made on meta must be recomputed
-    model.rotary.to(p.device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    with torch.device(p.device):
+        model = Transformer(config).to(p.dtype)
     return _load_weights(model, {k: v.detach() for k, v in hf_model.state_dict().items()}).eval()
 
 
@@ -114,7 +109,7 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder)
-    state = {f"model.{k}" if not k.startswith("lm_head") else k: v.detach().contiguous().cpu()
+    state = {f"model.{k}" if not k.startswith("lm_head") else k: v.detach().cpu().clone()
              for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -43,6 +43,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq = llama3_inv_freq(inv_freq, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Follow the model to its device but stay float32: bf16 frequencies garble long positions.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -71,12 +78,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        object.__setattr__(self, "qkv_proj", None)  # set by Transformer.fuse_projections()
 
     def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = sdpa(q, k, v, mask, causal=True)  # the baseline: attend over the whole sequence again
@@ -91,9 +103,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        object.__setattr__(self, "gate_up_proj", None)  # set by Transformer.fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -126,6 +143,34 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Transformer":
+        """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
+
+        At batch 1 each projection is a matrix-vector product that lasts a few microseconds, so fewer,
+        larger ones waste less time in launches and tails. The fused weight becomes the storage and the
+        separate q/k/v (gate/up) weights become views into it: no extra memory, same state_dict.
+        """
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+            # Plain attributes, not submodules: the state_dict keeps transformers' names.
+            object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
+            attn.qkv_sizes = [p.out_features for p in parts]
+            object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
+        return self
+
+    def unfuse_projections(self) -> "Transformer":
+        for layer in self.layers:
+            object.__setattr__(layer.self_attn, "qkv_proj", None)
+            object.__setattr__(layer.mlp, "gate_up_proj", None)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting breaks the views into the fused weights: fall back to separate projections.
+        self.unfuse_projections()
+        return super()._apply(fn, recurse)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,6 +229,23 @@ class Transformer(nn.Module):
         w = self.config.sliding_window
         if w is not None and positions.numel() and int(positions.max()) >= w:
             raise NotImplementedError(f"sequence longer than the sliding window ({w} tokens) is not supported")
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+    fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight.copy_(torch.cat([m.weight for m in linears]))
+    if first.bias is not None:
+        fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    offset = 0
+    for m in linears:  # re-point the originals at slices of the fused storage
+        rows = slice(offset, offset + m.out_features)
+        m.weight = nn.Parameter(fused.weight[rows], requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            m.bias = nn.Parameter(fused.bias[rows], requires_grad=m.bias.requires_grad)
+        offset += m.out_features
+    return fused
 
 
 def attention_mask_for_padding(valid: torch.Tensor) -> torch.Tensor:

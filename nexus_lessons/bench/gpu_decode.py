@@ -1,0 +1,172 @@
+"""Batch-1 decode of a 1B-parameter Llama-shaped model on a GPU: ours against transformers, one run.
+
+    python -m nexus_lessons.bench.gpu_decode --out course/results/gpu_decode_h200.json
+
+Random weights (nothing can be downloaded); the shape is Llama-3.2-1B's with a 32k vocabulary and tied
+embeddings: 1.04B parameters, 2.08 GB in bf16. Every decode step must read all of them once, so
+bytes / copy-bandwidth is the floor on time per token; we report how close each side gets.
+Before timing, float32 greedy tokens of ours are asserted equal to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch._inductor.config
+
+from ..cuda_graph import CUDAGraphDecoder
+from ..generate import generate
+from ..loading import from_hf
+from .common import copy_bandwidth_gbs, environment, save_json
+
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def _hf_model(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early, on either side
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def _time_hf(hf, ids, n, static: bool) -> float:
+    kw = dict(max_new_tokens=n, do_sample=False)
+    if static:
+        kw["cache_implementation"] = "static"
+    hf.generate(ids, **{**kw, "max_new_tokens": 8})  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    hf.generate(ids, **kw)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def _time_ours_eager(model, ids, n) -> float:
+    generate(model, ids, 8, cache="static")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate(model, ids, n, cache="static")
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def _time_graph(dec: CUDAGraphDecoder, ids, n, reps: int) -> tuple[float, float]:
+    """(decode tokens/s from the median of `reps` timed runs, end-to-end tokens/s of one run)."""
+    dec.generate(ids, n)  # capture + warm-up
+    times = []
+    for _ in range(reps):
+        B = dec.prefill(ids)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dec.decode(B, n - 1)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec.generate(ids, n)
+    torch.cuda.synchronize()
+    e2e = n / (time.perf_counter() - t0)
+    times.sort()
+    return (n - 1) / times[len(times) // 2], e2e
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="course/results/gpu_decode_h200.json")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--hf-new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast: better configs for the fused kernels
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU; the course shows its committed results instead")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results: dict = {"benchmark": "gpu_decode", **environment(), "config": LLAMA_1B,
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    copy_gbs = copy_bandwidth_gbs()
+    results["copy_bandwidth_gbs"] = copy_gbs
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, args.prompt_len), generator=g).cuda()
+    max_len = args.prompt_len + args.new_tokens
+
+    # 1. Correctness in float32: our graph decoder, fused, against transformers' greedy generate.
+    hf = _hf_model(torch.float32)
+    ours = from_hf(hf).fuse_projections()
+    n_check = 32
+    ref = hf.generate(ids, max_new_tokens=n_check, do_sample=False)
+    got = CUDAGraphDecoder(ours, 1, max_len).generate(ids, n_check)
+    eager = generate(ours, ids, n_check)
+    results["check_float32"] = {"new_tokens": n_check, "graph_equals_transformers": bool((ref == got).all()),
+                                "nocache_equals_transformers": bool((ref == eager).all())}
+    print("float32 check:", results["check_float32"], flush=True)
+    assert (ref == got).all(), "graph decoder disagrees with transformers in float32"
+    del hf, ours
+    torch.cuda.empty_cache()
+
+    # 2. Speed in bf16.
+    hf = _hf_model(torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied embedding counted once
+    c = LLAMA_1B
+    kv_bytes_per_token = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 2
+    floor_s = weight_bytes / (copy_gbs * 1e9)
+    results.update(weight_bytes=weight_bytes, floor_tokens_per_s=1 / floor_s)
+    rows = {}
+    rows["transformers generate (dynamic cache)"] = {"tokens_per_s": _time_hf(hf, ids, args.hf_new_tokens, False)}
+    rows["transformers generate (static cache)"] = {"tokens_per_s": _time_hf(hf, ids, args.hf_new_tokens, True)}
+    ours = from_hf(hf)
+    del hf
+    torch.cuda.empty_cache()
+    rows["ours: generate, static cache, eager"] = {"tokens_per_s": _time_ours_eager(ours, ids, args.hf_new_tokens)}
+    variants = [("ours: CUDA graph", False, False), ("ours: CUDA graph + fused projections", True, False)]
+    if not args.no_compile:
+        variants.append(("ours: torch.compile + CUDA graph + fused projections", True, True))
+    for name, fuse, comp in variants:
+        ours.unfuse_projections()
+        if fuse:
+            ours.fuse_projections()
+        try:
+            t0 = time.perf_counter()
+            dec = CUDAGraphDecoder(ours, 1, max_len, compile=comp)
+            tok_s, e2e = _time_graph(dec, ids, args.new_tokens, args.reps)
+            check = dec.generate(ids, 16)
+            rows[name] = {"tokens_per_s": tok_s, "end_to_end_tokens_per_s": e2e,
+                          "setup_and_warmup_s": time.perf_counter() - t0,
+                          "bf16_first16_equal_eager": bool((check == generate(ours, ids, 16, cache="static")).all())}
+            del dec
+        except Exception as exc:  # record and go on: one failing variant must not lose the run
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(name, rows[name], flush=True)
+    for row in rows.values():
+        if "tokens_per_s" in row:
+            bytes_per_tok = weight_bytes + kv_bytes_per_token * max_len
+            row["fraction_of_weight_bound"] = row["tokens_per_s"] / results["floor_tokens_per_s"]
+            row["achieved_gbs"] = row["tokens_per_s"] * bytes_per_tok / 1e9
+    results["rows"] = rows
+    best = max((r["tokens_per_s"] for n, r in rows.items() if n.startswith("ours") and "tokens_per_s" in r), default=0)
+    results["best_ours_tokens_per_s"] = best
+    results["transformers_tokens_per_s"] = rows["transformers generate (dynamic cache)"]["tokens_per_s"]
+    save_json(results, args.out)
+    print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
+          f"floor {results['floor_tokens_per_s']:.0f} tokens/s")
+    for name, row in rows.items():
+        if "tokens_per_s" in row:
+            print(f"{name:55s} {row['tokens_per_s']:8.1f} tok/s  {100 * row['fraction_of_weight_bound']:5.1f}% of bound")
+        else:
+            print(f"{name:55s} {row['error']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Batch-1-fast decoding: a static cache whose decode step keeps all its state on the device, replayed
+as one CUDA graph per token (optionally after torch.compile has fused the small ops).
+
+At batch 1 a decode step is a few hundred tiny kernels; launched one by one from Python, the GPU
+spends most of its time waiting for the CPU. A CUDA graph records the whole step once and replays it
+with a single launch. To be recordable, nothing in the step may depend on a Python value that changes
+between tokens: the write slot, the RoPE positions and the attention mask all live in device tensors,
+and the step advances them itself. Attention then runs over the whole `max_seq_len` buffer with a mask
+(the shape is fixed), which costs reading the unused part of the cache: keep `max_seq_len` tight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generate import _as_batch
+from .kv_cache import KVCache
+
+
+class GraphKVCache(KVCache):
+    """A `KVCache` whose T=1 steps use device-side positions, so they can be captured in a CUDA graph.
+
+    Prefill (T > 1) runs eagerly through `KVCache`; `sync_to_device()` then hands the state to the
+    device tensors, and every decode step must be followed by `advance()` (the decoder does both).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # next write slot
+        self.row_pos = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # next RoPE position
+        self._graph_step = False
+
+    def sync_to_device(self) -> None:
+        self.slot.fill_(self.seq_len)
+        self.row_pos[: self.batch_size] = self.key_valid[: self.batch_size].sum(-1)
+        self._graph_step = True
+
+    def begin_forward(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._graph_step:
+            return super().begin_forward(input_ids, attention_mask_)
+        B = input_ids.shape[0]
+        if input_ids.shape[1] != 1:
+            raise ValueError("after prefill, a GraphKVCache takes one token per row per step")
+        self.key_valid.index_fill_(1, self.slot, True)
+        self._mask = self.key_valid[:B, None, None, :]  # every written, real slot; later slots are still False
+        return self.row_pos[:B, None].clone()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self._graph_step:
+            return super().attend(layer, q, k, v)
+        B = q.shape[0]
+        self.k[layer, :B].index_copy_(2, self.slot, k)
+        self.v[layer, :B].index_copy_(2, self.slot, v)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, self.k[layer, :B], self.v[layer, :B], attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+    def advance(self) -> None:
+        self.slot += 1
+        self.row_pos += 1
+
+    def reset(self) -> None:
+        super().reset()
+        self._graph_step = False
+
+
+class CUDAGraphDecoder:
+    """Greedy generation where each decode step is one graph replay and the host never waits.
+
+    The step writes its argmax into the input buffer of the next step and into the output buffer, so
+    `max_new_tokens` replays run back to back with no host-device synchronisation. On a CPU (or with
+    `use_graph=False`) the same step runs eagerly, which is how the tests check it.
+    """
+
+    def __init__(self, model, max_batch_size: int, max_seq_len: int, *, use_graph: bool | None = None,
+                 compile: bool = False) -> None:
+        self.model = model
+        self.cache = GraphKVCache.for_model(model, max_batch_size, max_seq_len)
+        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        if self.use_graph and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        dev = model.device
+        self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(max_batch_size, max_seq_len + 1, dtype=torch.long, device=dev)
+        self.out_pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def _step(self, B: int) -> None:
+        logits = self.forward(self.tokens[:B], cache=self.cache)[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        self.tokens[:B].copy_(nxt)
+        self.out[:B].index_copy_(1, self.out_pos, nxt)
+        self.out_pos += 1
+        self.cache.advance()
+
+    def _graph(self, B: int) -> torch.cuda.CUDAGraph:
+        if B not in self.graphs:
+            state = self._save_state()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up off the capture: compile, cuBLAS handles, allocations
+                for _ in range(3):
+                    self._step(B)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._restore_state(state)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(B)
+            self._restore_state(state)  # capture ran the step once too
+            self.graphs[B] = graph
+        return self.graphs[B]
+
+    def _save_state(self):
+        c = self.cache
+        return [t.clone() for t in (c.slot, c.row_pos, c.key_valid, self.tokens, self.out_pos)]
+
+    def _restore_state(self, state) -> None:
+        c = self.cache
+        for dst, src in zip((c.slot, c.row_pos, c.key_valid, self.tokens, self.out_pos), state):
+            dst.copy_(src)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask=None) -> int:
+        """Run the prompt eagerly, leave its greedy next token in the input buffer; returns the batch size."""
+        input_ids, attention_mask = _as_batch(self.model, input_ids, attention_mask, 0)
+        B, T = input_ids.shape
+        self.cache.reset()
+        logits = self.model(input_ids, cache=self.cache, attention_mask=attention_mask)[:, -1]
+        self.cache.sync_to_device()
+        self.tokens[:B, 0] = logits.argmax(-1)
+        self.out[:B, 0] = self.tokens[:B, 0]
+        self.out_pos.fill_(1)
+        return B
+
+    @torch.inference_mode()
+    def decode(self, B: int, steps: int) -> None:
+        """`steps` more greedy tokens for every row (no synchronisation: time it with CUDA events)."""
+        if steps + int(self.cache.seq_len) > self.cache.max_seq_len:  # seq_len is the prefill length here
+            raise ValueError(f"{steps} steps after {self.cache.seq_len} tokens exceed max_seq_len {self.cache.max_seq_len}")
+        if self.use_graph:
+            graph = self._graph(B)
+            for _ in range(steps):
+                graph.replay()
+        else:
+            for _ in range(steps):
+                self._step(B)
+        self.cache.seq_len += steps
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None) -> torch.Tensor:
+        """Greedy tokens, [B, T + max_new_tokens], equal to `generate(model, input_ids, max_new_tokens)`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        input_ids, attention_mask = _as_batch(self.model, input_ids, attention_mask, 0)
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        if input_ids.shape[1] + max_new_tokens - 1 > self.cache.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens - 1 exceeds max_seq_len {self.cache.max_seq_len}")
+        B = self.prefill(input_ids, attention_mask)
+        self.decode(B, max_new_tokens - 1)
+        return torch.cat([input_ids, self.out[:B, :max_new_tokens]], dim=1)
