@@ -1,0 +1,432 @@
+"""PagedKVCache: the KV cache cut into fixed-size blocks, vLLM style, behind the model's cache protocol.
+
+Memory. Per layer, K and V live in pools `[num_blocks, block_size, num_kv_heads, head_dim]` (the vLLM
+layout: `self.k[layer]`). A sequence holds a block table (a list of block ids) and takes one block
+at a time as it grows, so no memory is reserved for tokens that never come; the only waste is the
+unfilled tail of each sequence's last block (see `fragmentation.py`).
+
+Sequences. Each batch row is one sequence. Only a row's *real* tokens are stored: left padding is
+never written, and a token's RoPE position is the number of real tokens before it. That keeps the
+exactness invariant simple: every query attends to exactly the keys a no-cache forward would let it
+see (its own sequence, up to itself), with no padding keys to mask.
+
+Two ways to drive it:
+
+* like `KVCache`: `generate(model, ids, n, cache=PagedKVCache(...))`. `reset()` frees every sequence;
+  the next forward creates one sequence per batch row, and later forwards extend them.
+* by sequence, for a scheduler: `add_sequence()`, `fork(seq_id)` (copy-on-write sharing), `free(seq_id)`,
+  `append_slots(seq_id, n)` (reserve room ahead of a forward; the forward fills reserved slots first),
+  then `bind([seq ids])` to say which sequence each batch row of the next forwards is, or the helper
+  `forward_sequences(model, cache, seq_ids, new_tokens)` which does the padding and binding for you.
+
+Kernels. Writes go through `write_kv_cache`, decode steps (one new token per row) through
+`paged_decode_attention`, prefill / extend / mixed steps through `paged_prefill_attention` (packed
+variable-length queries, causal within each sequence's new tokens). All three come from
+`nexus_lessons.kernels`, which picks compiled Triton, the Triton interpreter or plain PyTorch.
+
+Running out of blocks raises `OutOfBlocksError` in `begin_forward`, before any layer runs and before
+any block table, refcount or free list has changed: catch it, free or preempt a sequence, retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from ..kv_cache import _check_positive
+from .block_allocator import BlockAllocator, OutOfBlocksError
+from .block_table import BlockTables
+
+try:  # the real kernels (Triton, with plain-PyTorch references), once the kernels lesson has landed
+    from ..kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
+except ImportError:  # pragma: no cover - the gather-based stand-ins below
+    paged_decode_attention = paged_prefill_attention = write_kv_cache = None  # type: ignore[assignment]
+
+__all__ = ["OutOfBlocksError", "PagedKVCache", "forward_sequences"]
+
+
+# --- gather-based stand-ins with the kernels' signatures (used only when kernels are missing) ------
+def _gather_sequence(k_cache, v_cache, table: torch.Tensor, length: int):
+    """K and V of one sequence, contiguous: [length, Hkv, D]."""
+    bs = k_cache.shape[1]
+    blocks = table[: -(-length // bs)].long()
+    k = k_cache[blocks].flatten(0, 1)[:length]
+    v = v_cache[blocks].flatten(0, 1)[:length]
+    return k, v
+
+
+def _attend(q, k, v, q_offset: int, scale):
+    """q [Tq, Hq, D] over k/v [S, Hkv, D]; query i sees keys 0 .. q_offset + i."""
+    S, Tq = k.shape[0], q.shape[0]
+    mask = torch.arange(S, device=q.device)[None, :] <= (q_offset + torch.arange(Tq, device=q.device))[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+def _write_kv_cache_fallback(k, v, k_cache, v_cache, slot_mapping):
+    bs = k_cache.shape[1]
+    slots = slot_mapping.long()
+    k_cache[slots // bs, slots % bs] = k
+    v_cache[slots // bs, slots % bs] = v
+
+
+def _paged_decode_fallback(q, k_cache, v_cache, block_tables, context_lens, scale=None):
+    out = torch.empty_like(q)
+    for b, length in enumerate(context_lens.tolist()):
+        k, v = _gather_sequence(k_cache, v_cache, block_tables[b], length)
+        out[b] = _attend(q[b : b + 1], k, v, length - 1, scale)[0]
+    return out
+
+
+def _paged_prefill_fallback(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=None, **_):
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b, length in enumerate(context_lens.tolist()):
+        s, e = starts[b], starts[b + 1]
+        k, v = _gather_sequence(k_cache, v_cache, block_tables[b], length)
+        out[s:e] = _attend(q[s:e], k, v, length - (e - s), scale)
+    return out
+
+
+if write_kv_cache is None:  # pragma: no cover
+    write_kv_cache = _write_kv_cache_fallback
+    paged_decode_attention = _paged_decode_fallback
+    paged_prefill_attention = _paged_prefill_fallback
+
+
+@dataclass
+class _ForwardPlan:
+    """What `begin_forward` worked out once for every layer of one forward."""
+
+    rows: list[int]  # seq id of each batch row
+    valid: torch.Tensor | None  # [B, T] bool on the device; None when every token is real
+    decode: bool  # exactly one real new token per row
+    slot_mapping: torch.Tensor  # [N] int64: the slot of each real new token, row-major
+    block_tables: torch.Tensor  # [B_active, max_blocks] int32, rows with new tokens only
+    context_lens: torch.Tensor  # [B_active] int32, tokens held after this forward
+    query_start_loc: torch.Tensor  # [B_active + 1] int32, offsets into the packed new tokens
+    max_query_len: int
+    max_context_len: int
+    shape: tuple[int, int]  # (B, T)
+
+
+class PagedKVCache:
+    """A block-paged KV cache with copy-on-write sharing between sequences.
+
+    `num_heads` is the number of key/value heads (fewer than query heads under GQA). Capacity is
+    `num_blocks * block_size` tokens over all sequences together.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        block_size: int,
+        num_blocks: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        _check_positive(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                        block_size=block_size, num_blocks=num_blocks)
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.block_size, self.num_blocks = block_size, num_blocks
+        dtype = dtype or torch.get_default_dtype()
+        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # self.k[layer]: one layer's pool
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.tables = BlockTables(self.allocator, block_size, copy_blocks=self._copy_blocks)
+        self._computed: dict[int, int] = {}  # seq id -> tokens whose K/V are written
+        self._clear_rows()
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        c = model.config
+        return cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, num_blocks,
+                   dtype=model.dtype, device=model.device)
+
+    # --- properties ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V pools (all blocks, used or not)."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.allocator.num_used
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the whole pool can hold."""
+        return self.num_blocks * self.block_size
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s K pool, [num_blocks, block_size, Hkv, D] (a view)."""
+        return self.k[layer]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        return self.v[layer]
+
+    # --- the sequence API (what a scheduler uses) ----------------------------------------------
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id."""
+        seq_id = self.tables.add_sequence()
+        self._computed[seq_id] = 0
+        return seq_id
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence sharing all of `seq_id`'s blocks (copy-on-write); returns its id."""
+        child = self.tables.fork(seq_id)
+        self._computed[child] = self._computed[seq_id]
+        return child
+
+    def free(self, seq_id: int) -> int:
+        """Forget a sequence; returns how many blocks went back to the free list."""
+        freed = self.tables.free(seq_id)
+        del self._computed[seq_id]
+        return freed
+
+    def append_slots(self, seq_id: int, n: int) -> list[int]:
+        """Reserve `n` more slots for a sequence (allocating / copying blocks now); returns the slots.
+
+        Raises OutOfBlocksError, having changed nothing, when the pool cannot hold them. The next
+        forward that feeds this sequence new tokens writes into reserved slots first.
+        """
+        return self.tables.append_slots(seq_id, n)
+
+    def can_append(self, appends: dict[int, int]) -> bool:
+        """Whether reserving `{seq_id: n}` slots would fit in the free blocks (copy-on-write included)."""
+        return self.tables.can_append(appends)
+
+    def truncate(self, seq_id: int, num_tokens: int) -> int:
+        """Keep a sequence's first `num_tokens` tokens (drop the rest, reservations too)."""
+        freed = self.tables.truncate(seq_id, num_tokens)
+        self._computed[seq_id] = min(self._computed[seq_id], num_tokens)
+        return freed
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return self.tables.block_table(seq_id)
+
+    def num_tokens(self, seq_id: int) -> int:
+        """Tokens of `seq_id` whose K/V are in the cache."""
+        if seq_id not in self._computed:
+            self.tables.block_table(seq_id)  # raises the KeyError that names the problem
+        return self._computed[seq_id]
+
+    @property
+    def sequences(self) -> list[int]:
+        return self.tables.seq_ids()
+
+    def bind(self, seq_ids: Seq[int] | None) -> None:
+        """Batch row i of the following forwards is sequence `seq_ids[i]` (None: one new per row)."""
+        if seq_ids is None:
+            self._clear_rows()
+            return
+        seq_ids = [int(s) for s in seq_ids]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"a sequence can be only one row of a batch; got {seq_ids}")
+        for s in seq_ids:
+            self.tables.block_table(s)  # KeyError for an unknown id
+        self._rows = seq_ids
+        self._base = [self._computed[s] for s in seq_ids]
+        self._history: list[torch.Tensor] = []
+        self.seq_len = 0
+
+    @property
+    def rows(self) -> list[int] | None:
+        """The sequence id of each batch row, or None before the first forward after reset()."""
+        return None if self._rows is None else list(self._rows)
+
+    def check_consistent(self) -> None:
+        """Assert that no block is leaked or double-owned (for tests and the lesson's checkers)."""
+        self.tables.check_consistent()
+        for s, n in self._computed.items():
+            if not 0 <= n <= self.tables.num_tokens(s):
+                raise AssertionError(f"sequence {s}: {n} tokens written but {self.tables.num_tokens(s)} slots")
+
+    # --- the model's cache protocol --------------------------------------------------------------
+    def reset(self) -> None:
+        """Free every sequence (the pools are kept for reuse)."""
+        self.tables.free_all()
+        self._computed.clear()
+        self._clear_rows()
+
+    def _clear_rows(self) -> None:
+        self._rows: list[int] | None = None
+        self._base: list[int] = []
+        self._history = []  # one [B, T] CPU bool chunk per forward since bind: which slots were real
+        self.seq_len = 0  # time slots fed since the rows were bound (padding included), like KVCache
+        self._plan: _ForwardPlan | None = None
+
+    def begin_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for each row's real new tokens; return RoPE positions [B, T].
+
+        Row b's real tokens are those with `attention_mask[b] == 1` (all, without a mask). Raises
+        OutOfBlocksError before changing anything when the free blocks do not suffice.
+        """
+        B, T = input_ids.shape
+        if input_ids.device != self.device:
+            raise ValueError(f"input is on {input_ids.device} but the cache is on {self.device}")
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}")
+        valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        valid_cpu = torch.ones(B, T, dtype=torch.bool) if valid is None else valid.cpu()
+        n_new = valid_cpu.sum(1).tolist()
+        if not any(n_new):
+            raise ValueError("attention_mask marks no real token in this batch: nothing to run")
+        created = self._rows is None
+        if created:
+            self.bind([self.add_sequence() for _ in range(B)])
+        elif len(self._rows) != B:
+            raise ValueError(
+                f"this cache's batch has {len(self._rows)} rows (sequences {self._rows}); got a batch of {B} "
+                f"(call reset() or bind() first)"
+            )
+        rows = self._rows
+        try:
+            done = [self._computed[s] for s in rows]
+        except KeyError:
+            raise KeyError(f"a sequence of this batch ({rows}) was freed; bind() live sequences") from None
+        extra = {s: max(0, d + n - self.tables.num_tokens(s)) for s, d, n in zip(rows, done, n_new)}
+        try:
+            self.tables.append_slots_many(extra)  # all or nothing
+        except OutOfBlocksError:
+            if created:
+                for s in rows:
+                    self.free(s)
+                self._clear_rows()
+            raise
+
+        # Slots, block tables and lengths for the rows that have new tokens.
+        active = [i for i in range(B) if n_new[i]]
+        tables = [self.tables.seqs[rows[i]].blocks for i in active]
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        starts = torch.tensor([done[i] for i in active])
+        counts = torch.tensor([n_new[i] for i in active])
+        row_of = torch.repeat_interleave(torch.arange(len(active)), counts)
+        pos = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        pos = pos + starts[row_of]
+        bs = self.block_size
+        slot_mapping = bt[row_of, pos // bs].long() * bs + pos % bs
+        context = starts + counts
+        qsl = torch.zeros(len(active) + 1, dtype=torch.int32)
+        qsl[1:] = counts.cumsum(0)
+        dev = self.device
+        self._plan = _ForwardPlan(
+            rows=list(rows), valid=valid, decode=T == 1 and len(active) == B,
+            slot_mapping=slot_mapping.to(dev), block_tables=bt.to(dev),
+            context_lens=context.to(torch.int32).to(dev), query_start_loc=qsl.to(dev),
+            max_query_len=int(counts.max()), max_context_len=int(context.max()), shape=(B, T),
+        )
+        for s, d, n in zip(rows, done, n_new):
+            self._computed[s] = d + n
+        self._history.append(valid_cpu)
+        self.seq_len += T
+        before = torch.tensor(done, device=input_ids.device)[:, None]
+        if valid is None:
+            return before + torch.arange(T, device=input_ids.device)
+        return (before + valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this forward's real K/V into the pools, then attend each query over its own sequence."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("attend() before begin_forward(): run the model with cache=this cache")
+        if k.dtype != self.dtype:
+            raise TypeError(f"the cache holds {self.dtype} but the model gives {k.dtype}; build it with dtype={k.dtype}")
+        if k.shape[1] != self.num_heads or k.shape[-1] != self.head_dim:
+            raise ValueError(f"cache is for {self.num_heads} KV heads of dim {self.head_dim}; got k {tuple(k.shape)}")
+        B, Hq, T, D = q.shape
+        if (B, T) != plan.shape:
+            raise ValueError(f"begin_forward planned a [{plan.shape[0]}, {plan.shape[1]}] batch; got q {tuple(q.shape)}")
+        k_pool, v_pool = self.k[layer], self.v[layer]
+        if plan.valid is None:  # every token real: [B, H, T, D] -> [B*T, H, D]
+            k_new = k.transpose(1, 2).reshape(B * T, -1, D)
+            v_new = v.transpose(1, 2).reshape(B * T, -1, D)
+        else:
+            k_new, v_new = k.transpose(1, 2)[plan.valid], v.transpose(1, 2)[plan.valid]
+        write_kv_cache(k_new.contiguous(), v_new.contiguous(), k_pool, v_pool, plan.slot_mapping)
+        if plan.decode:
+            out = paged_decode_attention(q[:, :, 0].contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens)
+            return out[:, :, None]
+        if plan.valid is None:
+            q_packed = q.transpose(1, 2).reshape(B * T, Hq, D)
+        else:
+            q_packed = q.transpose(1, 2)[plan.valid]
+        out_packed = paged_prefill_attention(
+            q_packed.contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens, plan.query_start_loc,
+        )
+        if plan.valid is None:
+            return out_packed.view(B, T, Hq, D).transpose(1, 2)
+        out = q.new_zeros(B, T, Hq, D)  # padding queries get zeros: nothing real ever reads them
+        out[plan.valid] = out_packed
+        return out.transpose(1, 2)
+
+    def crop(self, length: int) -> None:
+        """Drop every time slot from `length` on (speculative decoding rolls back this way).
+
+        Like `KVCache.crop`, `length` counts slots along the batch's time axis (padding included)
+        since the rows were bound; each row keeps its real tokens among the first `length` slots.
+        """
+        if not 0 <= length <= self.seq_len:
+            raise ValueError(f"cannot crop to {length}: the cache holds {self.seq_len} slots")
+        if self._rows is None or length == self.seq_len:
+            return
+        history = torch.cat(self._history, dim=1)[:, :length]
+        keep = history.sum(1).tolist()
+        for s, base, n in zip(self._rows, self._base, keep):
+            self.truncate(s, base + n)
+        self._history = [history]
+        self.seq_len = length
+        self._plan = None
+
+    # --- copy-on-write ---------------------------------------------------------------------------
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks src -> dst in every layer's K and V pool, on the device, in one op each."""
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"block_size={self.block_size}, blocks={self.num_blocks} ({self.num_free_blocks} free), "
+            f"sequences={len(self.tables)}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def forward_sequences(model, cache: PagedKVCache, seq_ids: Seq[int], new_tokens: Seq[Seq[int]]) -> torch.Tensor:
+    """One forward over several sequences, each with its own number of new tokens (prefill, decode,
+    or a mix). Returns the logits of each sequence's last new token, [len(seq_ids), vocab].
+
+    The rows are left-padded; padding is never stored, so the result is the same as running each
+    sequence alone.
+    """
+    from ..generate import left_pad
+
+    if len(seq_ids) != len(new_tokens):
+        raise ValueError(f"{len(seq_ids)} sequences but {len(new_tokens)} token lists")
+    ids, mask = left_pad(new_tokens, device=model.device)
+    cache.bind(seq_ids)
+    return model(ids, cache=cache, attention_mask=None if bool(mask.all()) else mask)[:, -1]
