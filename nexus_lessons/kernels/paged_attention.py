@@ -1,0 +1,551 @@
+"""Triton kernels for a paged KV cache: slot writes, split-KV decode attention, and varlen extend attention.
+
+Each kernel has a plain-PyTorch twin in ``reference.py`` with the same signature; ``dispatch.py`` checks
+the arguments and picks one side. The launchers here assume checked arguments.
+
+Conventions (vLLM's): ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``, ``block_tables [B, max_blocks]``,
+``context_lens [B]``. Any strides work (they are passed in), so views and slices are fine.
+
+Design notes, the "why" of the code below:
+
+* Decode is memory-bound: every K/V byte of the context is read once per step and used for ~2 flops.
+  So (1) all ``Hq / Hkv`` query heads that share a KV head are processed by the SAME program, as a
+  [GROUP, D] tile against a [BLOCK_N, D] tile of K with ``tl.dot`` (GROUP padded to 16, the smallest
+  ``tl.dot`` shape): each KV byte is read once, not once per query head; (2) a tile spans several
+  pages, gathered through the block table, so each iteration has enough bytes in flight; (3) the context
+  is split across programs (flash-decoding) when ``B * Hkv`` alone cannot fill the GPU: each split writes
+  a partial output and its log-sum-exp, and a small second kernel merges them.
+* Softmax is online and in float32, in base 2: the scale is multiplied by log2(e) once so the inner loop
+  uses ``exp2``; the log-sum-exps passed between the two decode kernels are base 2 too.
+* Extend (many new tokens per sequence) is compute-bound: a FlashAttention-2 style kernel over pages,
+  split in two loops: the keys every query in the tile sees (no mask work at all), then the few tiles on
+  the causal diagonal (or the custom mask) with masking.
+* Under the interpreter (``TRITON_INTERPRET=1``) ``tl.dot`` on bfloat16 is silently wrong (numpy has no
+  bfloat16), so the launchers ask the kernels to upcast dot operands there (``UPCAST``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # the merge kernel holds all splits of one head in registers: [next_pow2(splits), D]
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, merge) dominates
+
+
+def interpreting() -> bool:
+    """True when these kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old triton
+        return False
+    return isinstance(_decode_split_kernel, InterpretedFunction)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs would otherwise run tl.dot in tf32 (10-bit mantissa): exact fp32 costs speed only there.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Writing new K/V into their slots
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    K, V, KCache, VCache, SlotMapping,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    num_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per new token: copy its [Hkv, D] key and value rows; slot -1 stores nothing."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SlotMapping + token).to(tl.int64)
+    safe = tl.maximum(slot, 0)  # keep the address arithmetic in range; the mask does the skipping
+    block = safe // BLOCK_SIZE
+    offset = safe % BLOCK_SIZE
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < head_dim) & (slot >= 0)
+    k = tl.load(K + token * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+    v = tl.load(V + token * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    kc = KCache + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
+    vc = VCache + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
+    tl.store(kc, k.to(KCache.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(VCache.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Triton twin of ``write_kv_cache_ref``: in place, one program per token."""
+    n, num_heads, head_dim = k.shape
+    if n == 0:
+        return
+    _write_kv_cache_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        num_heads, head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Decode: one query token per sequence, split-KV (flash-decoding), GQA heads grouped
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes and launch options of the decode kernel (the benchmark sweeps these)."""
+
+    block_n: int = 64  # tokens per iteration: several 16-token pages gathered per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse,
+    qk_scale, num_splits,
+    stride_qb, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_btb, stride_btn,
+    stride_ob, stride_oh, stride_od,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
+
+    The range is this split's share of the context, rounded up to whole BLOCK_N tiles. With one split
+    (DIRECT_OUT) the normalised output is written directly; otherwise the partial output (already divided
+    by its own softmax sum) and its base-2 log-sum-exp go to the merge kernel. An empty split writes
+    lse = -inf, which the merge weighs as zero.
+    """
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(ContextLens + b)
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = BlockTables + b.to(tl.int64) * stride_btb
+    k_base = KCache + kv_head * stride_kch
+    v_base = VCache + kv_head * stride_vch
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # Gather: token -> (physical block, offset in block) through this sequence's block table.
+        block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        in_block = offs_n % PAGE_SIZE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has >= 1 valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT_OUT:
+        o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        p_ptrs = PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+        tl.store(p_ptrs, out, mask=out_mask)
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PartialOut, PartialLse, Out, num_splits,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (b, head): out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse_total).
+
+    All splits are loaded at once (one [BLOCK_S, D] tile), not in a loop: a loop of dependent-free but
+    sequential loads would cost one memory latency per split, which matters at 30 microseconds a step.
+    """
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
+    w = tl.exp2(lse - m)
+    w = w / tl.sum(w, 0)
+    parts = tl.load(
+        PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], 0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)  # fmt: skip
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sms: int, block_n: int = 64) -> int:
+    """How many programs share one sequence's context in decode.
+
+    ``B * Hkv`` programs exist without splitting. Aim for about 4 programs per SM (a few waves, so the last
+    one is not mostly idle), but never give a split fewer than MIN_TOKENS_PER_SPLIT tokens, and cap at
+    MAX_SPLITS. So batch 1 x 32k tokens with 8 KV heads on 132 SMs gets 64 splits of 512 tokens, while
+    batch 256 (2048 programs already) gets 1 split and skips the merge kernel entirely.
+    """
+    programs = batch * num_kv_heads
+    wanted = math.ceil(4 * sms / max(programs, 1))
+    by_length = math.ceil(max_context_len / max(MIN_TOKENS_PER_SPLIT, block_n))
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
+    """A fixed heuristic (autotune does not run under the interpreter, and decode shapes vary per step)."""
+    if device.type != "cuda":
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
+    elem = torch.finfo(dtype).bits // 8
+    # Keep a K tile + V tile per pipeline stage around 32 KiB of shared memory.
+    block_n = max(16, min(128, 16384 // (head_dim * elem)))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    max_context_len: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``paged_decode_attention_ref``; ``num_splits`` forces the split count.
+
+    ``max_context_len`` (an upper bound on ``context_lens``) only steers the split heuristic; without it
+    the block table's width is used, so nothing has to be read back from the GPU.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    cfg = config or default_decode_config(q.dtype, head_dim, q.device)
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * k_cache.shape[1]
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg.block_n)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    direct = num_splits == 1
+    if direct:  # placeholders, never touched
+        partial, lse = out, out
+        p_strides, l_strides = (0, 0, 0), (0, 0)
+    else:
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+        p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial, lse,
+        scale * LOG2E, num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        *p_strides, *l_strides,
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not direct:
+        block_s = max(2, triton.next_power_of_2(num_splits))
+        _decode_merge_kernel[(batch, num_heads)](
+            partial, lse, out, num_splits,
+            *p_strides, *l_strides, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=4 if block_s * block_d <= 4096 else 8,
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Extend / prefill: many new tokens per sequence, packed varlen, causal or custom (tree) mask
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Tile sizes and launch options of the extend kernel (the benchmark sweeps these)."""
+
+    block_m: int = 128  # query tokens per program
+    block_n: int = 64  # keys per iteration (several pages)
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@triton.jit
+def _extend_tile(
+    acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+    context_len, prefix, q_row0, Mask,
+    stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+    stride_mq, stride_mk, qk_scale,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] step of online softmax. MASKED=False is the fast path: every key is visible."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    if MASKED:
+        n_mask = offs_n < context_len
+        block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    in_block = offs_n % PAGE_SIZE
+    k = tl.load(
+        k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        pos_q = prefix + offs_m  # position of each query in its sequence
+        if HAS_MASK:
+            new_j = offs_n - prefix  # index of the key among the new tokens (negative: cached)
+            allowed = tl.load(
+                Mask + (q_row0 + offs_m)[:, None] * stride_mq + new_j[None, :] * stride_mk,
+                mask=(new_j[None, :] >= 0) & n_mask[None, :] & (pos_q[:, None] < context_len),
+                other=0,
+            )
+            visible = ((allowed != 0) | (new_j[None, :] < 0)) & n_mask[None, :]
+        else:
+            visible = (offs_n[None, :] <= pos_q[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: avoid inf - inf
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _extend_kernel(
+    Q, KCache, VCache, BlockTables, ContextLens, QueryStartLoc, Out, Mask,
+    qk_scale, num_m_blocks,
+    stride_qt, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_btb, stride_btn,
+    stride_ot, stride_oh, stride_od,
+    stride_mq, stride_mk,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Program (query tile, sequence, head). Query tiles run last-first: the ones that see the most keys
+    start earliest, which evens out the tail of a causal launch.
+
+    Keys [0, full_end) are visible to every query of the tile (they precede the tile's first query, or are
+    cached tokens under a custom mask): loop 1, no masking. Keys [full_end, kv_end) need the causal or
+    custom mask: loop 2, usually one or two tiles.
+    """
+    m_block = num_m_blocks - 1 - tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.program_id(2)
+    q_row0 = tl.load(QueryStartLoc + b)
+    q_len = tl.load(QueryStartLoc + b + 1) - q_row0
+    m_start = m_block * BLOCK_M
+    if m_start >= q_len:
+        return
+    context_len = tl.load(ContextLens + b)
+    prefix = context_len - q_len
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    rows = (q_row0 + offs_m).to(tl.int64)
+    q = tl.load(
+        Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = BlockTables + b.to(tl.int64) * stride_btb
+    k_base = KCache + kv_head * stride_kch
+    v_base = VCache + kv_head * stride_vch
+    if HAS_MASK:
+        unmasked_end = prefix
+        kv_end = context_len
+    else:
+        unmasked_end = prefix + m_start
+        kv_end = tl.minimum(context_len, prefix + m_start + BLOCK_M)
+    full_end = (unmasked_end // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _extend_tile(
+            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+            context_len, prefix, q_row0, Mask,
+            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+            stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, False, HAS_MASK, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _extend_tile(
+            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+            context_len, prefix, q_row0, Mask,
+            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+            stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True, HAS_MASK, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+def default_extend_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> ExtendConfig:
+    """Fixed tiles: FlashAttention-2's usual choice on Hopper for 16-bit D<=128, smaller for fp32 / big D."""
+    if device.type != "cuda":
+        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return ExtendConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+def paged_prefill_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float | None = None,
+    custom_mask: torch.Tensor | None = None,
+    *,
+    max_query_len: int | None = None,
+    config: ExtendConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``paged_prefill_attention_ref``.
+
+    ``max_query_len`` sizes the grid; without it it is read from ``query_start_loc`` (one GPU sync).
+    """
+    total_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    batch = context_lens.shape[0]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    cfg = config or default_extend_config(q.dtype, head_dim, q.device)
+    out = torch.empty_like(q)
+    if total_q == 0 or batch == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len == 0:
+        return out
+    num_m_blocks = triton.cdiv(max_query_len, cfg.block_m)
+    if custom_mask is None:
+        mask, mask_strides = q, (0, 0)  # placeholder, never read (HAS_MASK=False)
+    else:
+        mask = custom_mask.to(torch.int8)
+        mask_strides = mask.stride()
+    _extend_kernel[(num_m_blocks, batch, num_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, mask,
+        scale * LOG2E, num_m_blocks,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(), *mask_strides,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
+        HAS_MASK=custom_mask is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
