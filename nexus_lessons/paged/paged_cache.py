@@ -35,68 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from ..kv_cache import _check_positive
 from .block_allocator import BlockAllocator, OutOfBlocksError
 from .block_table import BlockTables
 
-try:  # the real kernels (Triton, with plain-PyTorch references), once the kernels lesson has landed
-    from ..kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
-except ImportError:  # pragma: no cover - the gather-based stand-ins below
-    paged_decode_attention = paged_prefill_attention = write_kv_cache = None  # type: ignore[assignment]
-
 __all__ = ["OutOfBlocksError", "PagedKVCache", "forward_sequences"]
-
-
-# --- gather-based stand-ins with the kernels' signatures (used only when kernels are missing) ------
-def _gather_sequence(k_cache, v_cache, table: torch.Tensor, length: int):
-    """K and V of one sequence, contiguous: [length, Hkv, D]."""
-    bs = k_cache.shape[1]
-    blocks = table[: -(-length // bs)].long()
-    k = k_cache[blocks].flatten(0, 1)[:length]
-    v = v_cache[blocks].flatten(0, 1)[:length]
-    return k, v
-
-
-def _attend(q, k, v, q_offset: int, scale):
-    """q [Tq, Hq, D] over k/v [S, Hkv, D]; query i sees keys 0 .. q_offset + i."""
-    S, Tq = k.shape[0], q.shape[0]
-    mask = torch.arange(S, device=q.device)[None, :] <= (q_offset + torch.arange(Tq, device=q.device))[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out.transpose(0, 1)
-
-
-def _write_kv_cache_fallback(k, v, k_cache, v_cache, slot_mapping):
-    bs = k_cache.shape[1]
-    slots = slot_mapping.long()
-    k_cache[slots // bs, slots % bs] = k
-    v_cache[slots // bs, slots % bs] = v
-
-
-def _paged_decode_fallback(q, k_cache, v_cache, block_tables, context_lens, scale=None):
-    out = torch.empty_like(q)
-    for b, length in enumerate(context_lens.tolist()):
-        k, v = _gather_sequence(k_cache, v_cache, block_tables[b], length)
-        out[b] = _attend(q[b : b + 1], k, v, length - 1, scale)[0]
-    return out
-
-
-def _paged_prefill_fallback(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=None, **_):
-    out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    for b, length in enumerate(context_lens.tolist()):
-        s, e = starts[b], starts[b + 1]
-        k, v = _gather_sequence(k_cache, v_cache, block_tables[b], length)
-        out[s:e] = _attend(q[s:e], k, v, length - (e - s), scale)
-    return out
-
-
-if write_kv_cache is None:  # pragma: no cover
-    write_kv_cache = _write_kv_cache_fallback
-    paged_decode_attention = _paged_decode_fallback
-    paged_prefill_attention = _paged_prefill_fallback
 
 
 @dataclass
@@ -144,6 +88,8 @@ class PagedKVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.tables = BlockTables(self.allocator, block_size, copy_blocks=self._copy_blocks)
         self._computed: dict[int, int] = {}  # seq id -> tokens whose K/V are written
+        # Let the kernels re-check slots and block ids on CPU (cheap there); on a GPU it would be a sync.
+        self.validate_kernel_args = self.device.type != "cuda"
         self._clear_rows()
 
     @classmethod
@@ -365,9 +311,14 @@ class PagedKVCache:
             v_new = v.transpose(1, 2).reshape(B * T, -1, D)
         else:
             k_new, v_new = k.transpose(1, 2)[plan.valid], v.transpose(1, 2)[plan.valid]
-        write_kv_cache(k_new.contiguous(), v_new.contiguous(), k_pool, v_pool, plan.slot_mapping)
+        # The metadata is built here from the block tables, so the kernels need not re-check it (a GPU sync).
+        check = self.validate_kernel_args
+        write_kv_cache(k_new.contiguous(), v_new.contiguous(), k_pool, v_pool, plan.slot_mapping, validate=check)
         if plan.decode:
-            out = paged_decode_attention(q[:, :, 0].contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens)
+            out = paged_decode_attention(
+                q[:, :, 0].contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens,
+                max_context_len=plan.max_context_len, validate=check,
+            )
             return out[:, :, None]
         if plan.valid is None:
             q_packed = q.transpose(1, 2).reshape(B * T, Hq, D)
@@ -375,6 +326,7 @@ class PagedKVCache:
             q_packed = q.transpose(1, 2)[plan.valid]
         out_packed = paged_prefill_attention(
             q_packed.contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens, plan.query_start_loc,
+            max_query_len=plan.max_query_len, validate=check,
         )
         if plan.valid is None:
             return out_packed.view(B, T, Hq, D).transpose(1, 2)
