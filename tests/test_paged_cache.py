@@ -436,3 +436,51 @@ def test_random_scheduler_like_workload_is_exact():
         assert all(cache.num_tokens(s) == len(t) for s, t in tokens.items())
     cache.reset()
     assert cache.num_free_blocks == cache.num_blocks
+
+
+# --- the lesson's fragmentation study and pictures ----------------------------------------------------
+def test_fragmentation_is_deterministic_and_paging_wastes_under_a_block_per_request():
+    from nexus_lessons.paged.fragmentation import (
+        measure_fragmentation,
+        sample_request_lengths,
+        sweep_block_sizes,
+    )
+
+    r = measure_fragmentation(500, block_size=16, max_seq_len=2048, seed=3)
+    assert r.as_dict() == measure_fragmentation(500, block_size=16, max_seq_len=2048, seed=3).as_dict()
+    assert r.used_tokens != measure_fragmentation(500, seed=4).used_tokens
+    prompt, output = sample_request_lengths(500, seed=3)
+    assert (prompt >= 1).all() and (output >= 1).all() and (prompt + output <= 2048).all()
+    assert r.used_tokens == int((prompt + output).sum())
+    assert r.contiguous_reserved == 500 * 2048 and r.contiguous_waste > 0.5
+    assert 0 <= r.paged_tail_waste <= 500 * 15 and r.paged_reserved == r.used_tokens + r.paged_tail_waste
+    assert r.paged_waste < 0.05
+    contiguous, paged = r.requests_that_fit(200_000, prompt + output)
+    assert contiguous == 97 and paged > 3 * contiguous
+    waste = [x.paged_waste for x in sweep_block_sizes((1, 4, 16, 64), num_requests=500, seed=3)]
+    assert waste[0] == 0 and waste == sorted(waste)
+    assert "waste %" in str(r)
+
+
+def test_pictures_draw_live_caches_and_stepper_scripts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nexus_lessons.paged.visualize import demo_stepper, draw_block_pool, snapshot
+
+    stepper = demo_stepper()
+    assert any("copy-on-write" in s.label for s in stepper.steps)
+    assert stepper.steps[-1].num_free == 14 and stepper.steps[-1].tables.keys() == {3}
+    for i in (3, 4, -1):
+        plt.close(stepper.draw(i))
+    model = tiny_model()
+    cache = cache_for(model, 4, num_blocks=12)
+    a = cache.add_sequence()
+    forward_sequences(model, cache, [a], [[1, 2, 3, 4, 5, 6]])
+    b = cache.fork(a)
+    snap = snapshot(cache)
+    assert snap.refcount[cache.block_table(a)[0]] == 2 and snap.holders()[cache.block_table(b)[1]] == [a, b]
+    assert snap.block_fill() == {cache.block_table(a)[0]: 4, cache.block_table(a)[1]: 2}
+    plt.close(draw_block_pool(cache, title="after fork"))
