@@ -8,6 +8,7 @@ from .generate import generate, left_pad
 from .kv_cache import CacheFullError, DynamicKVCache, KVCache
 from .loading import from_hf, load_model, save_pretrained
 from .model import Transformer
+from .paged import OutOfBlocksError, PagedKVCache
 from .sampling import logits_to_probs, sample_next
 
 
@@ -26,6 +27,8 @@ __all__ = [
     "InferenceBenchmark",
     "KVCache",
     "ModelConfig",
+    "OutOfBlocksError",
+    "PagedKVCache",
     "Transformer",
     "from_hf",
     "generate",
