@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -82,7 +83,11 @@ def list_source_files(root: Path | None = None) -> list[str]:
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"standard library folder {root} does not exist")
-    rels = (p.relative_to(root).as_posix() for p in root.rglob("*.py") if p.is_file())
+    rels = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_ANYWHERE]  # prune site-packages early: it can be huge
+        base = Path(folder).relative_to(root)
+        rels += [(base / f).as_posix() for f in files if f.endswith(".py")]
     return sorted(r for r in rels if not is_noisy_path(r))
 
 
@@ -102,13 +107,14 @@ def build_splits(root: Path | None = None, max_files: int | None = None) -> Corp
     root = Path(root) if root is not None else stdlib_root()
     train: list[Document] = []
     heldout: list[Document] = []
+    caps = (max_files, max(1, max_files // 10)) if max_files is not None else (None, None)
     for rel in list_source_files(root):
+        split, cap = (heldout, caps[1]) if is_heldout(rel) else (train, caps[0])
+        if cap is not None and len(split) >= cap:
+            continue  # the split is decided by the path alone, so capped runs need not read the rest
         text = read_source(root / rel)
-        if text is None:
-            continue
-        (heldout if is_heldout(rel) else train).append(Document(rel, text))
-    if max_files is not None:
-        train, heldout = train[:max_files], heldout[:max(1, max_files // 10)]
+        if text is not None:
+            split.append(Document(rel, text))
     if not train or not heldout:
         raise RuntimeError(f"the corpus under {root} is empty (train {len(train)}, held-out {len(heldout)} files)")
     return CorpusSplits(str(root), train, heldout)
