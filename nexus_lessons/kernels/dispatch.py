@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Literal
 
@@ -66,7 +68,7 @@ def triton_kernels() -> ModuleType | None:
             from . import paged_attention
 
             _triton_module = paged_attention
-        except Exception as exc:  # ImportError, or a broken triton install
+        except (ImportError, RuntimeError, OSError) as exc:  # no triton, or a broken install
             _triton_error = f"{type(exc).__name__}: {exc}"
     return _triton_module
 
@@ -102,6 +104,27 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
         )
         raise RuntimeError(f"impl='triton' on {device.type} tensors needs the Triton interpreter; {why}")
     return "reference"
+
+
+@contextmanager
+def _interpreter_env(device: torch.device) -> Iterator[None]:
+    """Keep TRITON_INTERPRET=1 while interpreted kernels run.
+
+    Triton reads the variable again at run time (e.g. when the interpreter lazily imports its helpers),
+    so a process that built the kernels under the interpreter and then unset it would fail obscurely.
+    """
+    if device.type == "cuda" or _env_interpret():
+        yield
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -244,7 +267,8 @@ def write_kv_cache(
             i = int(torch.nonzero(bad)[0, 0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is outside [-1, {num_slots})")
     if resolve_impl(impl, k_cache.device) == "triton":
-        triton_kernels().write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+        with _interpreter_env(k_cache.device):
+            triton_kernels().write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         reference.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
 
@@ -273,10 +297,11 @@ def paged_decode_attention(
     if _want_values(validate):
         _check_values(k_cache, block_tables, context_lens)
     if resolve_impl(impl, q.device) == "triton":
-        return triton_kernels().paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale,
-            num_splits=num_splits, max_context_len=max_context_len,
-        )  # fmt: skip
+        with _interpreter_env(q.device):
+            return triton_kernels().paged_decode_attention_triton(
+                q, k_cache, v_cache, block_tables, context_lens, scale,
+                num_splits=num_splits, max_context_len=max_context_len,
+            )  # fmt: skip
     return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
@@ -344,10 +369,11 @@ def paged_prefill_attention(
             if not bool(diag.all()):
                 raise ValueError("custom_mask must let every new token see itself (its diagonal must be True)")
     if resolve_impl(impl, q.device) == "triton":
-        return triton_kernels().paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
-            max_query_len=max_query_len,
-        )  # fmt: skip
+        with _interpreter_env(q.device):
+            return triton_kernels().paged_prefill_attention_triton(
+                q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
+                max_query_len=max_query_len,
+            )  # fmt: skip
     return reference.paged_prefill_attention_ref(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask
     )

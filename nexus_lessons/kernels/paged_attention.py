@@ -79,7 +79,9 @@ def _write_kv_cache_kernel(
     offset = safe % BLOCK_SIZE
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < head_dim) & (slot >= 0)
+    # A vector, not a scalar bool: the interpreter cannot broadcast a scalar mask (triton 3.9).
+    keep = (tl.zeros([BLOCK_H], tl.int64) + slot) >= 0
+    mask = (offs_h[:, None] < num_heads) & keep[:, None] & (offs_d[None, :] < head_dim)
     k = tl.load(K + token * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     v = tl.load(V + token * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
     kc = KCache + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
@@ -266,13 +268,16 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sms: 
 
 
 def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
-    """A fixed heuristic (autotune does not run under the interpreter, and decode shapes vary per step)."""
+    """A fixed heuristic (autotune does not run under the interpreter, and decode shapes vary per step).
+
+    16-bit K/V: 64-token tiles (four 16-token pages) for D <= 128. float32 runs tl.dot as exact fp32 FMAs,
+    which needs far more registers: 16-token tiles keep it from spilling (checked with ptxas for sm_90).
+    """
     if device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
-    elem = torch.finfo(dtype).bits // 8
-    # Keep a K tile + V tile per pipeline stage around 32 KiB of shared memory.
-    block_n = max(16, min(128, 16384 // (head_dim * elem)))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=16 if head_dim > 64 else 32, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def paged_decode_attention_triton(
@@ -495,12 +500,19 @@ def _extend_kernel(
     )
 
 
-def default_extend_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> ExtendConfig:
-    """Fixed tiles: FlashAttention-2's usual choice on Hopper for 16-bit D<=128, smaller for fp32 / big D."""
+def default_extend_config(
+    dtype: torch.dtype, head_dim: int, device: torch.device, has_mask: bool = False
+) -> ExtendConfig:
+    """Fixed tiles: FlashAttention-2's usual choice on Hopper for 16-bit D <= 128; smaller tiles where
+    registers would spill (float32's exact dot, the custom-mask path, D > 128; checked with ptxas, sm_90)."""
     if device.type != "cuda":
         return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or head_dim > 128:
-        return ExtendConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return ExtendConfig(block_m=32, block_n=16, num_warps=8, num_stages=2)
+    if has_mask:
+        return ExtendConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if head_dim > 128:
+        return ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
     return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
@@ -525,7 +537,7 @@ def paged_prefill_attention_triton(
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    cfg = config or default_extend_config(q.dtype, head_dim, q.device)
+    cfg = config or default_extend_config(q.dtype, head_dim, q.device, custom_mask is not None)
     out = torch.empty_like(q)
     if total_q == 0 or batch == 0:
         return out
