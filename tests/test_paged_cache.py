@@ -26,7 +26,17 @@ from nexus_lessons.paged import (
 )
 from nexus_lessons.paged import paged_cache as paged_cache_module
 
+
 # --- helpers ----------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is faster, and immune to a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIGS = {
     "llama-gqa": {"num_attention_heads": 4, "num_key_value_heads": 2},
     "qwen2-mha-bias": {"num_attention_heads": 4, "num_key_value_heads": 4, "attention_bias": True,
@@ -484,3 +494,50 @@ def test_pictures_draw_live_caches_and_stepper_scripts():
     assert snap.refcount[cache.block_table(a)[0]] == 2 and snap.holders()[cache.block_table(b)[1]] == [a, b]
     assert snap.block_fill() == {cache.block_table(a)[0]: 4, cache.block_table(a)[1]: 2}
     plt.close(draw_block_pool(cache, title="after fork"))
+
+
+_INTERPRETER_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from nexus_lessons import ModelConfig, PagedKVCache, Transformer, generate
+from nexus_lessons.kernels import interpreter_active, set_default_impl
+from nexus_lessons.paged import forward_sequences
+
+set_default_impl("triton")
+torch.manual_seed(0)
+cfg = ModelConfig(vocab_size=61, hidden_size=32, head_dim=16, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2)
+model = Transformer(cfg).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, 0.2)
+prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3]]
+cache = PagedKVCache.for_model(model, 16, 5)
+assert torch.equal(generate(model, prompts, 4, cache=cache), generate(model, prompts, 4))
+assert interpreter_active()
+a = cache.add_sequence()
+forward_sequences(model, cache, [a], [prompts[0]])
+b = cache.fork(a)  # copy-on-write, then a mixed batch: a decodes one token while b extends by two
+logits = forward_sequences(model, cache, [a, b], [[40], [41, 42]])
+want = [model(torch.tensor([prompts[0] + [40]])), model(torch.tensor([prompts[0] + [41, 42]]))]
+assert cache.num_tokens(a) == 8 and cache.num_tokens(b) == 9 and cache.tables.num_copies == 1
+for got, w in zip(logits, want):
+    torch.testing.assert_close(got, w[0, -1], rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The same exactness with the real Triton kernels, run by the interpreter (a fresh process:
+    TRITON_INTERPRET must be set before triton is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", NEXUS_KERNEL_IMPL="triton", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
