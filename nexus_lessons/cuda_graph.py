@@ -24,8 +24,15 @@ class GraphKVCache(KVCache):
     device tensors, and every decode step must be followed by `advance()` (the decoder does both).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, attention: str = "sdpa", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        self.attention = attention
+        # One tensor per layer rather than views of one [L, ...] tensor: under torch.compile an in-place
+        # write into a view is functionalised into a copy of the whole base tensor, every step.
+        self.k = [t.clone() for t in self.k]
+        self.v = [t.clone() for t in self.v]
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # next write slot
         self.row_pos = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # next RoPE position
         self._graph_step = False
@@ -49,11 +56,22 @@ class GraphKVCache(KVCache):
         if not self._graph_step:
             return super().attend(layer, q, k, v)
         B = q.shape[0]
-        self.k[layer, :B].index_copy_(2, self.slot, k)
-        self.v[layer, :B].index_copy_(2, self.slot, v)
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, self.k[layer, :B], self.v[layer, :B], attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        k_all, v_all = self.k[layer], self.v[layer]
+        if B < self.max_batch_size:
+            k_all, v_all = k_all[:B], v_all[:B]
+        k_all.index_copy_(2, self.slot, k)
+        v_all.index_copy_(2, self.slot, v)
+        if self.attention == "sdpa":
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
+        # One query token: a [group, S] score matrix per KV head, in float32; small enough that the
+        # compiler fuses it into a couple of kernels.
+        Hkv, D = k_all.shape[1], q.shape[-1]
+        qg = q.reshape(B, Hkv, -1, D).float()
+        scores = (qg @ k_all.float().transpose(-1, -2)) * D**-0.5
+        scores = scores.masked_fill(~self._mask, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v_all.float()
+        return out.to(q.dtype).reshape(q.shape)
 
     def advance(self) -> None:
         self.slot += 1
@@ -73,13 +91,19 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, use_graph: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool | str = False, attention: str = "sdpa") -> None:
         self.model = model
-        self.cache = GraphKVCache.for_model(model, max_batch_size, max_seq_len)
+        c = model.config
+        self.cache = GraphKVCache(c.num_hidden_layers, max_batch_size, max_seq_len, c.num_key_value_heads,
+                                  c.head_dim, dtype=model.dtype, device=model.device, attention=attention)
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        # The whole step (forward, argmax, bookkeeping) is compiled, so the small ops fuse too.
+        self.step = self._step
+        if compile:  # True, or an inductor mode such as "max-autotune-no-cudagraphs"
+            mode = compile if isinstance(compile, str) else None
+            self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         dev = model.device
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=dev)
@@ -87,7 +111,7 @@ class CUDAGraphDecoder:
         self.out_pos = torch.zeros(1, dtype=torch.long, device=dev)
 
     def _step(self, B: int) -> None:
-        logits = self.forward(self.tokens[:B], cache=self.cache)[:, -1]
+        logits = self.model(self.tokens[:B], cache=self.cache)[:, -1]
         nxt = logits.argmax(-1, keepdim=True)
         self.tokens[:B].copy_(nxt)
         self.out[:B].index_copy_(1, self.out_pos, nxt)
@@ -101,12 +125,12 @@ class CUDAGraphDecoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up off the capture: compile, cuBLAS handles, allocations
                 for _ in range(3):
-                    self._step(B)
+                    self.step(B)
             torch.cuda.current_stream().wait_stream(stream)
             self._restore_state(state)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step(B)
+                self.step(B)
             self._restore_state(state)  # capture ran the step once too
             self.graphs[B] = graph
         return self.graphs[B]
@@ -124,7 +148,7 @@ class CUDAGraphDecoder:
     def prefill(self, input_ids, attention_mask=None) -> int:
         """Run the prompt eagerly, leave its greedy next token in the input buffer; returns the batch size."""
         input_ids, attention_mask = _as_batch(self.model, input_ids, attention_mask, 0)
-        B, T = input_ids.shape
+        B = input_ids.shape[0]
         self.cache.reset()
         logits = self.model(input_ids, cache=self.cache, attention_mask=attention_mask)[:, -1]
         self.cache.sync_to_device()
@@ -144,7 +168,7 @@ class CUDAGraphDecoder:
                 graph.replay()
         else:
             for _ in range(steps):
-                self._step(B)
+                self.step(B)
         self.cache.seq_len += steps
 
     @torch.inference_mode()

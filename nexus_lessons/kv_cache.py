@@ -124,16 +124,16 @@ class KVCache(_ContiguousCache):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        return self.k[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.k[0].device
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for K and V (all of it, used or not)."""
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in [*self.k, *self.v])
 
     def reset(self) -> None:
         self.key_valid.zero_()
@@ -152,9 +152,9 @@ class KVCache(_ContiguousCache):
         if k.shape[1] != self.num_heads or k.shape[-1] != self.head_dim:
             raise ValueError(f"cache is for {self.num_heads} KV heads of dim {self.head_dim}; got k {tuple(k.shape)}")
         B, s, e = k.shape[0], self._start, self.seq_len
-        self.k[layer, :B, :, s:e] = k
-        self.v[layer, :B, :, s:e] = v
-        return sdpa(q, self.k[layer, :B, :, :e], self.v[layer, :B, :, :e], self._mask, self._causal)
+        self.k[layer][:B, :, s:e] = k
+        self.v[layer][:B, :, s:e] = v
+        return sdpa(q, self.k[layer][:B, :, :e], self.v[layer][:B, :, :e], self._mask, self._causal)
 
 
 class DynamicKVCache(_ContiguousCache):

@@ -11,10 +11,10 @@ Before timing, float32 greedy tokens of ours are asserted equal to transformers'
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+import torch._dynamo
 import torch._inductor.config
 
 from ..cuda_graph import CUDAGraphDecoder
@@ -80,6 +80,32 @@ def _time_graph(dec: CUDAGraphDecoder, ids, n, reps: int) -> tuple[float, float]
     return (n - 1) / times[len(times) // 2], e2e
 
 
+def profile_step(dec: CUDAGraphDecoder, ids, steps: int = 10) -> list[dict]:
+    """GPU time per decode step by kernel name (the step run without its graph, so each kernel shows)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B = dec.prefill(ids)
+    use_graph, dec.use_graph = dec.use_graph, False
+    dec.decode(B, 3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.decode(B, steps)
+        torch.cuda.synchronize()
+    dec.use_graph = use_graph
+    rows = []
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if t > 0:
+                rows.append({"kernel": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": t / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"kernel time per step {total:.1f} us in {sum(r['calls_per_step'] for r in rows):.0f} launches")
+    for r in rows[:25]:
+        print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+    return rows[:40]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="course/results/gpu_decode_h200.json")
@@ -88,8 +114,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="skip timing transformers (exploration runs only)")
+    ap.add_argument("--profile", action="store_true", help="record where a compiled decode step spends its time")
     args = ap.parse_args(argv)
-    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast: better configs for the fused kernels
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU; the course shows its committed results instead")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -101,17 +128,18 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, args.prompt_len), generator=g).cuda()
     max_len = args.prompt_len + args.new_tokens
 
-    # 1. Correctness in float32: our graph decoder, fused, against transformers' greedy generate.
+    # 1. Correctness in float32: our graph decoder (both attentions), fused, against transformers' greedy generate.
     hf = _hf_model(torch.float32)
     ours = from_hf(hf).fuse_projections()
     n_check = 32
     ref = hf.generate(ids, max_new_tokens=n_check, do_sample=False)
-    got = CUDAGraphDecoder(ours, 1, max_len).generate(ids, n_check)
-    eager = generate(ours, ids, n_check)
-    results["check_float32"] = {"new_tokens": n_check, "graph_equals_transformers": bool((ref == got).all()),
-                                "nocache_equals_transformers": bool((ref == eager).all())}
-    print("float32 check:", results["check_float32"], flush=True)
-    assert (ref == got).all(), "graph decoder disagrees with transformers in float32"
+    check = {"new_tokens": n_check, "nocache_equals_transformers": bool((ref == generate(ours, ids, n_check)).all())}
+    for attn in ("sdpa", "math"):
+        got = CUDAGraphDecoder(ours, 1, max_len, attention=attn).generate(ids, n_check)
+        check[f"graph_{attn}_equals_transformers"] = bool((ref == got).all())
+    results["check_float32"] = check
+    print("float32 check:", check, flush=True)
+    assert all(check.values()), "our decoders disagree with transformers in float32"
     del hf, ours
     torch.cuda.empty_cache()
 
@@ -123,31 +151,42 @@ def main(argv=None) -> dict:
     floor_s = weight_bytes / (copy_gbs * 1e9)
     results.update(weight_bytes=weight_bytes, floor_tokens_per_s=1 / floor_s)
     rows = {}
-    rows["transformers generate (dynamic cache)"] = {"tokens_per_s": _time_hf(hf, ids, args.hf_new_tokens, False)}
-    rows["transformers generate (static cache)"] = {"tokens_per_s": _time_hf(hf, ids, args.hf_new_tokens, True)}
+    if not args.skip_hf:
+        rows["transformers generate (dynamic cache)"] = {"tokens_per_s": _time_hf(hf, ids, args.hf_new_tokens, False)}
+        rows["transformers generate (static cache)"] = {"tokens_per_s": _time_hf(hf, ids, 16, True)}
     ours = from_hf(hf)
     del hf
     torch.cuda.empty_cache()
     rows["ours: generate, static cache, eager"] = {"tokens_per_s": _time_ours_eager(ours, ids, args.hf_new_tokens)}
-    variants = [("ours: CUDA graph", False, False), ("ours: CUDA graph + fused projections", True, False)]
+    # (name, fuse projections, compile, inductor's coordinate-descent GEMVs, attention in the graph step)
+    variants = [("ours: CUDA graph", False, False, False, "sdpa"),
+                ("ours: CUDA graph + fused projections", True, False, False, "sdpa")]
     if not args.no_compile:
-        variants.append(("ours: torch.compile + CUDA graph + fused projections", True, True))
-    for name, fuse, comp in variants:
+        for coord in (False, True):
+            for attn in ("sdpa", "math"):
+                gemv = "Triton GEMV" if coord else "cuBLAS GEMV"
+                variants.append((f"ours: compile ({gemv}, {attn} attention) + CUDA graph + fused", True, True, coord, attn))
+    for name, fuse, comp, coord, attn in variants:
         ours.unfuse_projections()
         if fuse:
             ours.fuse_projections()
+        torch._dynamo.reset()
+        # With coordinate-descent tuning on, inductor rewrites M=1 matmuls as fused mul+sum reductions.
+        torch._inductor.config.coordinate_descent_tuning = coord
         try:
             t0 = time.perf_counter()
-            dec = CUDAGraphDecoder(ours, 1, max_len, compile=comp)
+            dec = CUDAGraphDecoder(ours, 1, max_len, compile=comp, attention=attn)
             tok_s, e2e = _time_graph(dec, ids, args.new_tokens, args.reps)
             check = dec.generate(ids, 16)
             rows[name] = {"tokens_per_s": tok_s, "end_to_end_tokens_per_s": e2e,
                           "setup_and_warmup_s": time.perf_counter() - t0,
                           "bf16_first16_equal_eager": bool((check == generate(ours, ids, 16, cache="static")).all())}
+            if args.profile and comp:
+                rows[name]["kernels_per_step"] = profile_step(dec, ids)
             del dec
         except Exception as exc:  # record and go on: one failing variant must not lose the run
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        print(name, rows[name], flush=True)
+        print(name, {k: v for k, v in rows[name].items() if k != "kernels_per_step"}, flush=True)
     for row in rows.values():
         if "tokens_per_s" in row:
             bytes_per_tok = weight_bytes + kv_bytes_per_token * max_len
@@ -156,7 +195,7 @@ def main(argv=None) -> dict:
     results["rows"] = rows
     best = max((r["tokens_per_s"] for n, r in rows.items() if n.startswith("ours") and "tokens_per_s" in r), default=0)
     results["best_ours_tokens_per_s"] = best
-    results["transformers_tokens_per_s"] = rows["transformers generate (dynamic cache)"]["tokens_per_s"]
+    results["transformers_tokens_per_s"] = rows.get("transformers generate (dynamic cache)", {}).get("tokens_per_s")
     save_json(results, args.out)
     print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
           f"floor {results['floor_tokens_per_s']:.0f} tokens/s")
