@@ -144,7 +144,7 @@ class CUDAGraphDecoder:
         for dst, src in zip((c.slot, c.row_pos, c.key_valid, self.tokens, self.out_pos), state):
             dst.copy_(src)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None) -> int:
         """Run the prompt eagerly, leave its greedy next token in the input buffer; returns the batch size."""
         input_ids, attention_mask = _as_batch(self.model, input_ids, attention_mask, 0)
@@ -157,7 +157,7 @@ class CUDAGraphDecoder:
         self.out_pos.fill_(1)
         return B
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, B: int, steps: int) -> None:
         """`steps` more greedy tokens for every row (no synchronisation: time it with CUDA events)."""
         if steps + int(self.cache.seq_len) > self.cache.max_seq_len:  # seq_len is the prefill length here
@@ -171,7 +171,7 @@ class CUDAGraphDecoder:
                 self.step(B)
         self.cache.seq_len += steps
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None) -> torch.Tensor:
         """Greedy tokens, [B, T + max_new_tokens], equal to `generate(model, input_ids, max_new_tokens)`."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

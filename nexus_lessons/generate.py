@@ -61,7 +61,7 @@ def make_cache(kind: str, model, batch_size: int, max_seq_len: int):
     raise ValueError(f"unknown cache kind {kind!r}: use 'static', 'dynamic' or a cache object")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model,
     input_ids: torch.Tensor | Sequence[Sequence[int]],
