@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # the merge kernel holds all splits of one head in registers: [next_pow2(splits), D]
+MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers: [next_pow2(splits), D]
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, merge) dominates
 
 
@@ -264,7 +264,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sms: 
     programs = batch * num_kv_heads
     wanted = math.ceil(4 * sms / max(programs, 1))
     by_length = math.ceil(max_context_len / max(MIN_TOKENS_PER_SPLIT, block_n))
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    splits = max(1, min(wanted, by_length, MAX_SPLITS))
+    # Whole tiles per split, and no split left empty by the rounding (66 wanted -> 64 x 8 tiles).
+    tiles = max(1, math.ceil(max_context_len / block_n))
+    return math.ceil(tiles / math.ceil(tiles / splits))
 
 
 def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
@@ -430,16 +433,17 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Program (query tile, sequence, head). Query tiles run last-first: the ones that see the most keys
-    start earliest, which evens out the tail of a causal launch.
+    """Program (head, sequence, query tile). The query tile is the slowest grid axis and runs last-first:
+    the tiles that see the most keys start earliest (evening out the tail of a causal launch), and the
+    query heads sharing a KV head run side by side, so their K/V reads hit L2.
 
     Keys [0, full_end) are visible to every query of the tile (they precede the tile's first query, or are
     cached tokens under a custom mask): loop 1, no masking. Keys [full_end, kv_end) need the causal or
     custom mask: loop 2, usually one or two tiles.
     """
-    m_block = num_m_blocks - 1 - tl.program_id(0)
+    head = tl.program_id(0)
     b = tl.program_id(1)
-    head = tl.program_id(2)
+    m_block = num_m_blocks - 1 - tl.program_id(2)
     q_row0 = tl.load(QueryStartLoc + b)
     q_len = tl.load(QueryStartLoc + b + 1) - q_row0
     m_start = m_block * BLOCK_M
@@ -551,7 +555,7 @@ def paged_prefill_attention_triton(
     else:
         mask = custom_mask.to(torch.int8)
         mask_strides = mask.stride()
-    _extend_kernel[(num_m_blocks, batch, num_heads)](
+    _extend_kernel[(num_heads, batch, num_m_blocks)](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, mask,
         scale * LOG2E, num_m_blocks,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(), *mask_strides,
