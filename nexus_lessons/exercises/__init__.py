@@ -115,7 +115,7 @@ class Checker:
             return CheckResult(name, FAILED, f"expected a function, got {type(fn).__name__}; pass the function "
                                              f"itself, e.g. check({name}) and not check({name}()).")
         try:
-            with torch.random.fork_rng():  # the learner's global RNG state is left as it was
+            with torch.random.fork_rng(devices=[]):  # the learner's global RNG state is left as it was
                 summary = self._run(fn)
         except NotImplementedError as e:
             hint = f" ({e})" if str(e) else ""
