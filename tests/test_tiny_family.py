@@ -20,6 +20,7 @@ from nexus_lessons.tiny.recipe import MAX_DRAFT_COST_RATIO, flops_per_token
 from nexus_lessons.tiny.tokenizer import (
     EOS_TOKEN,
     TOKENIZER_FILES,
+    copy_tokenizer_files,
     load_tokenizer,
     save_tokenizer,
     to_transformers,
@@ -195,7 +196,7 @@ def toy_run(tmp_path_factory):
     from nexus_lessons.tiny.train import main
 
     out = tmp_path_factory.mktemp("tiny_toy")
-    log = main(["--toy", "--out", str(out)])
+    log = main(["--toy", "--out", str(out), "--export", str(out / "export")])
     return out, log
 
 
@@ -221,6 +222,20 @@ def test_toy_run_writes_both_models_log_and_results(toy_run):
 def test_toy_folders_load_in_both_stacks_with_equal_logits(toy_run, name):
     out, _ = toy_run
     check_folder_against_transformers(out / name, "import os\n\ndef main(argv):\n", new_tokens=6)
+
+
+def test_export_is_small_and_install_puts_it_in_place(toy_run, tmp_path):
+    from nexus_lessons.tiny.install import install
+
+    out, _ = toy_run
+    exported = sorted(p.relative_to(out / "export").as_posix() for p in (out / "export").rglob("*") if p.is_file())
+    assert len(exported) == 6 and "tiny_models.json" in exported and "nexus-tiny/model.safetensors" in exported
+    assets = tmp_path / "assets"
+    copy_tokenizer_files(TOKENIZER_DIR, assets / "tokenizer")
+    install(out / "export", assets=assets, results_dir=tmp_path / "results")
+    assert (tmp_path / "results" / "tiny_models.json").exists()
+    model, tok = load_model(assets / "nexus-tiny-draft")
+    assert tok.eos_token == EOS_TOKEN and model.config.num_hidden_layers == 1
 
 
 def test_train_refuses_a_corpus_from_another_tokenizer(tmp_path):

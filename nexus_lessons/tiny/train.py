@@ -1,15 +1,18 @@
 """Train `nexus-tiny` and then distill `nexus-tiny-draft` from it, in one run; then evaluate both.
 
-The GPU run (one H200, about 7 minutes in all; writes both HF folders, train_log.json and
-tiny_models.json under $OUT/tiny):
+The GPU run (one H200; about 4-5 minutes, at most ~7.5 with the budgets below; brings back 7 files):
 
-    PYTHONUNBUFFERED=1 python -m nexus_lessons.tiny.train --tokens-file .carry/tiny_data --out $OUT/tiny --compile --max-minutes 4.5 --draft-max-minutes 2
+    set -o pipefail; PYTHONUNBUFFERED=1 python -m nexus_lessons.tiny.train --tokens-file .carry/tiny_data --out /tmp/tiny --export $OUT/tiny --max-minutes 4 --draft-max-minutes 2.5 2>&1 | tee $OUT/tiny_stdout.txt
+
+(carry `.carry/tiny_data`). It writes complete HF folders under /tmp/tiny, evaluates them (held-out
+loss, draft/target agreement, samples: `evaluate.py`), and exports to $OUT/tiny the files that matter:
+nexus-tiny/{config.json,model.safetensors}, nexus-tiny-draft/{...}, train_log.json, tiny_models.json.
+Then, here: `python -m nexus_lessons.tiny.install <fetched>/tiny` puts the models into
+`nexus_lessons/assets/` (with the shipped tokenizer files) and the JSON into `course/results/`.
 
 `.carry/tiny_data` comes from `python -m nexus_lessons.tiny.prepare` (CPU, ~20 s), which also writes the
-tokenizer to `nexus_lessons/assets/tokenizer/`. To ship the result, copy `$OUT/tiny/nexus-tiny` and
-`$OUT/tiny/nexus-tiny-draft` into `nexus_lessons/assets/` and `$OUT/tiny/tiny_models.json` into
-`course/results/`. A CPU smoke run of the whole pipeline (seconds): `python -m nexus_lessons.tiny.train
---toy --out /tmp/tiny`.
+tokenizer to `nexus_lessons/assets/tokenizer/`. A CPU smoke run of the whole pipeline (seconds):
+`python -m nexus_lessons.tiny.train --toy --out /tmp/tiny_toy`.
 
 Recipe (see `recipe.py` for the shapes): fixed seed; GPT-style init (normal 0.02, residual projections
 scaled by 1/sqrt(2 * layers)); AdamW (0.9, 0.95), weight decay 0.1 on matrices only, gradient clipping
@@ -78,9 +81,9 @@ class Schedule:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    max_minutes: float = 4.5
+    max_minutes: float = 4.0
     eval_every: int = 250
-    log_every: int = 50
+    log_every: int = 100
     eval_windows: int = 32
     seed: int = 0
 
@@ -375,16 +378,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=TRAIN_CONTEXT)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--max-minutes", type=float, default=4.5, help="wall-clock budget for the target")
+    p.add_argument("--max-minutes", type=float, default=4.0, help="wall-clock budget for the target")
     p.add_argument("--draft-steps", type=int, default=4000)
     p.add_argument("--draft-batch-size", type=int, default=64)
     p.add_argument("--draft-lr", type=float, default=3e-3)
     p.add_argument("--draft-warmup", type=int, default=100)
-    p.add_argument("--draft-max-minutes", type=float, default=2.0, help="wall-clock budget for the draft")
+    p.add_argument("--draft-max-minutes", type=float, default=2.5, help="wall-clock budget for the draft")
     p.add_argument("--draft-ce-weight", type=float, default=0.0,
                    help="loss = (1 - w) KL(target || draft) + w CE(next token)")
     p.add_argument("--no-eval", action="store_true", help="skip nexus_lessons.tiny.evaluate at the end")
     p.add_argument("--results", type=Path, default=None, help="evaluation JSON (default: OUT/tiny_models.json)")
+    p.add_argument("--export", type=Path, default=None,
+                   help="also copy the 6 files that matter (each model's config.json + model.safetensors, "
+                        "train_log.json, tiny_models.json) here; `python -m nexus_lessons.tiny.install` takes it")
     return p.parse_args(argv)
 
 
@@ -463,8 +469,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_log["evaluation"] = str(args.results or out / "tiny_models.json")
     train_log["wall_s_total"] = round(time.perf_counter() - wall0, 1)
     (out / "train_log.json").write_text(json.dumps(train_log, indent=2, default=str) + "\n")
+    if args.export is not None:
+        export(out, args.export, args.results or out / "tiny_models.json")
     log(f"all done in {train_log['wall_s_total']}s")
     return train_log
+
+
+EXPORT_LIMIT_BYTES = 16 * 2**20  # the GPU machine returns files of at most 16 MiB
+
+
+def export(out: Path, dst: Path, results: Path) -> None:
+    """The minimal set of files to bring back (the tokenizer files are the shipped ones, not copied)."""
+    files = [out / m / f for m in ("nexus-tiny", "nexus-tiny-draft") for f in ("config.json", "model.safetensors")]
+    for src in files:
+        (dst / src.parent.name).mkdir(parents=True, exist_ok=True)
+        (dst / src.parent.name / src.name).write_bytes(src.read_bytes())
+        if src.stat().st_size > EXPORT_LIMIT_BYTES:
+            log(f"WARNING: {src} is {src.stat().st_size / 2**20:.2f} MiB, over the 16 MiB the device returns")
+    (dst / "train_log.json").write_bytes((out / "train_log.json").read_bytes())
+    if results.exists():
+        (dst / "tiny_models.json").write_bytes(results.read_bytes())
+    log(f"exported to {dst}: {sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file())}")
 
 
 if __name__ == "__main__":
