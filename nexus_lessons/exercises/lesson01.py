@@ -239,7 +239,7 @@ def tiny_model() -> Transformer:
     """A small random-weight model (fixed seed) the generation checkers use: fast, GQA, awkward sizes."""
     global _TINY
     if _TINY is None:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(104)
             cfg = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
