@@ -293,9 +293,11 @@ def tree_mask(sizes: list[int], rng: random.Random) -> torch.Tensor:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_tree_mask(impl, dtype):
-    bs, hkv, group, d = 4, 2, 2, 32
+    bs, hkv, group, d = 6, 2, 2, 32  # a block size that is not a power of two
     q_lens = [7, 40, 1]
-    lens = [7 + 13, 40, 1 + 3]  # the second tree has no cached prefix: only the mask keeps rows non-empty
+    # prefix 62 spans two 32-key tiles; the second tree has no cached prefix, so only the mask keeps its
+    # rows non-empty
+    lens = [7 + 62, 40, 1 + 3]
     k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=3)
     q, qsl = make_queries(lens, q_lens, hkv * group, d, dtype, seed=3)
     mask = tree_mask(q_lens, random.Random(0)).to(DEV)
