@@ -238,6 +238,17 @@ def test_export_is_small_and_install_puts_it_in_place(toy_run, tmp_path):
     assert tok.eos_token == EOS_TOKEN and model.config.num_hidden_layers == 1
 
 
+def test_draft_can_be_redone_from_a_trained_target(toy_run, tmp_path):
+    from nexus_lessons.tiny.train import main
+
+    out, _ = toy_run
+    log = main(["--toy", "--out", str(tmp_path), "--target-from", str(out / "export" / "nexus-tiny"), "--no-eval"])
+    assert log["target"]["reused_from"].endswith("nexus-tiny") and log["draft"]["steps_done"] > 0
+    shipped = (out / "nexus-tiny" / "model.safetensors").read_bytes()
+    assert (tmp_path / "nexus-tiny" / "model.safetensors").read_bytes() == shipped
+    load_model(tmp_path / "nexus-tiny-draft")
+
+
 def test_train_refuses_a_corpus_from_another_tokenizer(tmp_path):
     from nexus_lessons.tiny.train import main
 

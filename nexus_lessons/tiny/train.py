@@ -324,6 +324,21 @@ def save_shipped(model: Transformer, folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
+def reuse_target(src: Path, dst: Path, tokenizer_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Copy an already trained target (a folder with config.json + model.safetensors) into the run."""
+    if not (src / "model.safetensors").exists():
+        raise FileNotFoundError(f"--target-from {src}: no model.safetensors there")
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != dst.resolve():
+        for f in ("config.json", "model.safetensors"):
+            (dst / f).write_bytes((src / f).read_bytes())
+    copy_tokenizer_files(tokenizer_dir, dst)
+    earlier = src.parent / "train_log.json"
+    run = json.loads(earlier.read_text()).get("target", {}) if earlier.exists() else {}
+    log(f"nexus-tiny: reusing the trained target from {src}")
+    return dst, {**run, "reused_from": str(src)}
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 def versions() -> dict[str, str]:
@@ -386,6 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-max-minutes", type=float, default=2.5, help="wall-clock budget for the draft")
     p.add_argument("--draft-ce-weight", type=float, default=0.0,
                    help="loss = (1 - w) KL(target || draft) + w CE(next token)")
+    p.add_argument("--target-from", type=Path, default=None,
+                   help="skip training the target: distill the draft from this trained target folder")
     p.add_argument("--no-eval", action="store_true", help="skip nexus_lessons.tiny.evaluate at the end")
     p.add_argument("--results", type=Path, default=None, help="evaluation JSON (default: OUT/tiny_models.json)")
     p.add_argument("--export", type=Path, default=None,
@@ -417,16 +434,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1) the target, from scratch
-    torch.manual_seed(args.seed)
-    target = Transformer(target_cfg)
-    init_weights(target)
-    target.to(device)
-    s_target = Schedule(args.steps, args.batch_size, args.context, args.lr, args.warmup,
-                        max_minutes=args.max_minutes, seed=args.seed, **every)
-    run_t = train_model("nexus-tiny", target, ce_loss, train, heldout, s_target, device, args.compile)
-    target_dir = save_shipped(target, out / "nexus-tiny", args.tokenizer)
-    del target
+    # 1) the target, from scratch (or an earlier run's, to redo only the draft)
+    if args.target_from is not None:
+        target_dir, run_t = reuse_target(Path(args.target_from), out / "nexus-tiny", args.tokenizer)
+    else:
+        torch.manual_seed(args.seed)
+        target = Transformer(target_cfg)
+        init_weights(target)
+        target.to(device)
+        s_target = Schedule(args.steps, args.batch_size, args.context, args.lr, args.warmup,
+                            max_minutes=args.max_minutes, seed=args.seed, **every)
+        run_t = asdict(train_model("nexus-tiny", target, ce_loss, train, heldout, s_target, device, args.compile))
+        target_dir = save_shipped(target, out / "nexus-tiny", args.tokenizer)
+        del target
 
     # 2) the draft, distilled from the target as shipped (bf16-rounded weights)
     teacher, _ = load_model(target_dir, device=device, tokenizer=False)
@@ -438,8 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draft.to(device)
     s_draft = Schedule(args.draft_steps, args.draft_batch_size, args.context, args.draft_lr, args.draft_warmup,
                        max_minutes=args.draft_max_minutes, seed=args.seed + 1, **every)
-    run_d = train_model("nexus-tiny-draft", draft, distill_loss(teacher_fast, args.draft_ce_weight),
-                        train, heldout, s_draft, device, args.compile)
+    run_d = asdict(train_model("nexus-tiny-draft", draft, distill_loss(teacher_fast, args.draft_ce_weight),
+                               train, heldout, s_draft, device, args.compile))
     draft_dir = save_shipped(draft, out / "nexus-tiny-draft", args.tokenizer)
     del teacher, teacher_fast, draft
     if device.type == "cuda":
@@ -451,10 +471,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "toy": args.toy,
         "corpus": {k: v for k, v in meta.items() if k != "heldout_paths"},
         "cost": cost_report(target_cfg, draft_cfg), "draft_loss": {"ce_weight": args.draft_ce_weight},
-        "target": asdict(run_t), "draft": asdict(run_d),
+        "target": run_t, "draft": run_d,
         "wall_s_training": round(time.perf_counter() - wall0, 1),
     }
-    (out / "train_log.json").write_text(json.dumps(train_log, indent=2, default=str) + "\n")
+    results_path = args.results or out / "tiny_models.json"
+    write_log(train_log, out, args.export)  # first, so the weights come back even if evaluation fails
     log(f"saved {target_dir}, {draft_dir}, {out / 'train_log.json'}")
 
     if not args.no_eval:
@@ -463,22 +484,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = evaluate(target_dir, draft_dir, heldout, device=device, context=args.context,
                            max_tokens=4096 if args.toy else None, max_new_tokens=8 if args.toy else 64)
         results.update(command=command, train_log=str(out / "train_log.json"),
-                       training={"target_steps": run_t.steps_done, "draft_steps": run_d.steps_done,
-                                 "target_wall_s": run_t.wall_s, "draft_wall_s": run_d.wall_s})
-        write_results(results, args.results or out / "tiny_models.json")
-        train_log["evaluation"] = str(args.results or out / "tiny_models.json")
+                       training={"target_steps": run_t.get("steps_done"), "draft_steps": run_d["steps_done"],
+                                 "target_wall_s": run_t.get("wall_s"), "draft_wall_s": run_d["wall_s"]})
+        write_results(results, results_path)
+        train_log["evaluation"] = str(results_path)
     train_log["wall_s_total"] = round(time.perf_counter() - wall0, 1)
-    (out / "train_log.json").write_text(json.dumps(train_log, indent=2, default=str) + "\n")
-    if args.export is not None:
-        export(out, args.export, args.results or out / "tiny_models.json")
+    write_log(train_log, out, args.export, results_path)
     log(f"all done in {train_log['wall_s_total']}s")
     return train_log
+
+
+def write_log(train_log: dict[str, Any], out: Path, export_dir: Path | None, results: Path | None = None) -> None:
+    (out / "train_log.json").write_text(json.dumps(train_log, indent=2, default=str) + "\n")
+    if export_dir is not None:
+        export(out, export_dir, results)
 
 
 EXPORT_LIMIT_BYTES = 16 * 2**20  # the GPU machine returns files of at most 16 MiB
 
 
-def export(out: Path, dst: Path, results: Path) -> None:
+def export(out: Path, dst: Path, results: Path | None = None) -> None:
     """The minimal set of files to bring back (the tokenizer files are the shipped ones, not copied)."""
     files = [out / m / f for m in ("nexus-tiny", "nexus-tiny-draft") for f in ("config.json", "model.safetensors")]
     for src in files:
@@ -487,7 +512,7 @@ def export(out: Path, dst: Path, results: Path) -> None:
         if src.stat().st_size > EXPORT_LIMIT_BYTES:
             log(f"WARNING: {src} is {src.stat().st_size / 2**20:.2f} MiB, over the 16 MiB the device returns")
     (dst / "train_log.json").write_bytes((out / "train_log.json").read_bytes())
-    if results.exists():
+    if results is not None and results.exists():
         (dst / "tiny_models.json").write_bytes(results.read_bytes())
     log(f"exported to {dst}: {sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file())}")
 
