@@ -26,8 +26,8 @@ class GraphKVCache(KVCache):
 
     def __init__(self, *args, attention: str = "sdpa", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if attention not in ("sdpa", "math"):
-            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if attention not in ("sdpa", "reduce"):
+            raise ValueError(f"attention must be 'sdpa' or 'reduce', got {attention!r}")
         self.attention = attention
         # One tensor per layer rather than views of one [L, ...] tensor: under torch.compile an in-place
         # write into a view is functionalised into a copy of the whole base tensor, every step.
@@ -64,13 +64,13 @@ class GraphKVCache(KVCache):
         if self.attention == "sdpa":
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k_all, v_all, attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
-        # One query token: a [group, S] score matrix per KV head, in float32; small enough that the
-        # compiler fuses it into a couple of kernels.
+        # One query token per row: attention is two reductions (q.k over D, p.v over S), written as
+        # multiply-and-sum so the compiler emits small fused reduction kernels, float32 inside.
         Hkv, D = k_all.shape[1], q.shape[-1]
-        qg = q.reshape(B, Hkv, -1, D).float()
-        scores = (qg @ k_all.float().transpose(-1, -2)) * D**-0.5
-        scores = scores.masked_fill(~self._mask, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v_all.float()
+        qg = q.reshape(B, Hkv, -1, 1, D).float()  # [B, Hkv, group, 1, D]
+        scores = (qg * k_all[:, :, None].float()).sum(-1) * D**-0.5  # [B, Hkv, group, S]
+        p = torch.softmax(scores.masked_fill(~self._mask, float("-inf")), dim=-1)
+        out = (p[..., None] * v_all[:, :, None].float()).sum(-2)  # [B, Hkv, group, D]
         return out.to(q.dtype).reshape(q.shape)
 
     def advance(self) -> None:
@@ -93,6 +93,8 @@ class CUDAGraphDecoder:
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, use_graph: bool | None = None,
                  compile: bool | str = False, attention: str = "sdpa") -> None:
         self.model = model
+        if model.device.type == "cuda" and any(layer.mlp.act_fn is not None for layer in model.layers):
+            model.layers[0].mlp.act_fn(torch.zeros(1, 2, device=model.device, dtype=model.dtype))  # build the op before tracing
         c = model.config
         self.cache = GraphKVCache(c.num_hidden_layers, max_batch_size, max_seq_len, c.num_key_value_heads,
                                   c.head_dim, dtype=model.dtype, device=model.device, attention=attention)

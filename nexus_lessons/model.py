@@ -104,10 +104,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         object.__setattr__(self, "gate_up_proj", None)  # set by Transformer.fuse_projections()
+        self.act_fn = None  # optional fused silu(gate) * up over the gate_up output (kernels.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.act_fn is not None:
+                return self.down_proj(self.act_fn(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -145,14 +149,21 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.no_grad()
-    def fuse_projections(self) -> "Transformer":
+    def fuse_projections(self, fused_activation: bool = False) -> "Transformer":
         """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
 
         At batch 1 each projection is a matrix-vector product that lasts a few microseconds, so fewer,
         larger ones waste less time in launches and tails. The fused weight becomes the storage and the
         separate q/k/v (gate/up) weights become views into it: no extra memory, same state_dict.
+        `fused_activation` also computes silu(gate) * up in one kernel (`kernels.activation`).
         """
+        act_fn = None
+        if fused_activation:
+            from .kernels.activation import silu_and_mul
+
+            act_fn = silu_and_mul
         for layer in self.layers:
+            layer.mlp.act_fn = act_fn
             attn, mlp = layer.self_attn, layer.mlp
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             # Plain attributes, not submodules: the state_dict keeps transformers' names.
@@ -165,6 +176,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             object.__setattr__(layer.self_attn, "qkv_proj", None)
             object.__setattr__(layer.mlp, "gate_up_proj", None)
+            layer.mlp.act_fn = None
         return self
 
     def _apply(self, fn, recurse=True):
