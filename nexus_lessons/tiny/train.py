@@ -291,8 +291,11 @@ def train_model(name: str, model: Transformer, loss_fn: LossFn, train: np.ndarra
                     log(f"{name}: {per_step * 1e3:.1f} ms/step; cutting steps {planned} -> {max(fits, step)} "
                         "to fit the budget")
                     planned, run.stopped_by = max(fits, step), "budget (planned)"
-            rec = {"step": step, "loss": round(loss.item(), 4), "lr": float(f"{lr:.4g}"), "grad_norm": round(float(gnorm), 3),
-                   "elapsed_s": round(now, 1), **{k: round(float(v), 4) for k, v in extra.items()}}
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
+            rec = {"step": step, "loss": round(loss.item(), 4), "lr": float(f"{lr:.4g}"),
+                   "grad_norm": round(float(gnorm), 3), "elapsed_s": round(now, 1),
+                   **{k: round(float(v), 4) for k, v in extra.items()}}
             run.losses.append(rec)
             log(" ".join(f"{k}={v}" for k, v in rec.items()))
         if step % s.eval_every == 0 or step == planned:
@@ -384,7 +387,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="writes nexus-tiny/, nexus-tiny-draft/, train_log.json")
     p.add_argument("--tokens-file", type=Path, default=None, help="folder from `python -m nexus_lessons.tiny.prepare`")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER_DIR)
-    p.add_argument("--toy", action="store_true", help="tiny shapes and a few steps: a CPU smoke test in seconds")
+    p.add_argument("--toy", action="store_true",
+                   help="tiny shapes, 30 steps of 4 x 64 tokens each (overrides the step/batch/context options): "
+                        "a CPU smoke test of the whole pipeline in seconds")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (falls back to eager)")
     p.add_argument("--seed", type=int, default=0)
@@ -394,7 +399,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--max-minutes", type=float, default=4.0, help="wall-clock budget for the target")
-    p.add_argument("--draft-steps", type=int, default=4000)
+    p.add_argument("--draft-steps", type=int, default=6000)
     p.add_argument("--draft-batch-size", type=int, default=64)
     p.add_argument("--draft-lr", type=float, default=3e-3)
     p.add_argument("--draft-warmup", type=int, default=100)
