@@ -1,0 +1,188 @@
+"""Compile the Triton kernels for a GPU on a machine without one; report shared memory, registers, spills.
+
+    python -m nexus_lessons.kernels.compile_check            # sm_90 (H100/H200), the benchmark's shapes
+    python -m nexus_lessons.kernels.compile_check --arch 80  # A100
+
+The interpreter checks what a kernel computes, not whether it compiles: a type clash between loop
+iterations, a tile too big for shared memory or a config that spills registers only shows up in the real
+compiler. Triton's compiler and ptxas run fine without a GPU, so this module calls each launcher with
+``meta`` tensors, records the launch it would make (arguments, constexprs, warps, stages), specialises
+the arguments the way Triton's JIT does (pointers 16-byte aligned, ints divisible by 16 marked, ints equal
+to 1 folded) and compiles for the target. It must run WITHOUT ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import paged_attention as pa
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}  # fmt: skip
+
+
+@dataclass
+class Launch:
+    kernel: Any
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of running it."""
+
+    def __init__(self, kernel: Any, sink: list[Launch]) -> None:
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs))
+
+
+def record(call: Callable[[], Any]) -> list[Launch]:
+    """Run a launcher with the kernels swapped for recorders; return the launches it would make."""
+    names = ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_extend_kernel"]
+    saved = {n: getattr(pa, n) for n in names}
+    sink: list[Launch] = []
+    try:
+        for n in names:
+            setattr(pa, n, _Recorder(saved[n], sink))
+        call()
+    finally:
+        for n, k in saved.items():
+            setattr(pa, n, k)
+    return sink
+
+
+def compile_launch(launch: Launch, arch: int) -> dict[str, Any]:
+    """Compile one recorded launch for sm_<arch>; shared bytes, registers and stack (spills) per thread."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    if not hasattr(fn, "arg_names"):
+        raise RuntimeError("the kernels were built by the interpreter: unset TRITON_INTERPRET and run again")
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    given = dict(zip(fn.arg_names, launch.args))
+    given.update({k: v for k, v in launch.kwargs.items() if k not in options})
+    constexpr_names = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
+    signature: dict[str, str] = {}
+    constants: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        value = given[name]
+        if name in constexpr_names:
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name], constants[name] = "constexpr", 1
+            else:
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialise argument {name}={value!r}")
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)  # fmt: skip
+    info: dict[str, Any] = {"kernel": fn.__name__, "shared": compiled.metadata.shared, **options}
+    info.update(_resource_usage(compiled.asm.get("cubin")))
+    return info
+
+
+def _resource_usage(cubin: bytes | None) -> dict[str, Any]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if cubin is None or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    usage: dict[str, Any] = {}
+    for field in out.split():
+        key, _, value = field.partition(":")
+        if key in ("REG", "STACK") and value.isdigit():
+            usage["registers" if key == "REG" else "stack"] = int(value)
+    return usage
+
+
+def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
+    """Launchers at the benchmark's head shapes (Hq 32, Hkv 8, D 128, 16-token blocks), GPU configs."""
+    meta = torch.device("meta")
+    cuda = torch.device("cuda")  # only to pick the GPU configs; no tensor lives there
+
+    def cache(dtype: torch.dtype, d: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(4096, 16, 8, d, device=meta, dtype=dtype),) * 2
+
+    def table(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(b, device=meta, dtype=torch.int32)
+
+    def decode(dtype: torch.dtype, splits: int, d: int = 128, group: int = 4) -> Callable[[], Any]:
+        q = torch.empty(64, 8 * group, d, device=meta, dtype=dtype)
+        cfg = pa.default_decode_config(dtype, d, cuda)
+        return lambda: pa.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg)
+
+    def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
+        q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)
+        qsl = torch.empty(9, device=meta, dtype=torch.int32)
+        mask = torch.empty(8 * 2048, 64, device=meta, dtype=torch.bool) if tree else None
+        cfg = pa.default_extend_config(dtype, d, cuda, tree)
+        return lambda: pa.paged_prefill_attention_triton(q, *cache(dtype, d), *table(8), qsl, None, mask,
+                                                         max_query_len=2048, config=cfg)  # fmt: skip
+
+    def write(dtype: torch.dtype) -> Callable[[], Any]:
+        k = torch.empty(64, 8, 128, device=meta, dtype=dtype)
+        slots = torch.empty(64, device=meta, dtype=torch.int64)
+        return lambda: pa.write_kv_cache_triton(k, k, *cache(dtype), slots)
+
+    out = [("write bf16", write(torch.bfloat16)), ("decode bf16 1 split", decode(torch.bfloat16, 1)),
+           ("decode bf16 8 splits", decode(torch.bfloat16, 8)), ("extend bf16 causal", extend(torch.bfloat16, False)),
+           ("extend bf16 tree mask", extend(torch.bfloat16, True))]  # fmt: skip
+    if not quick:
+        out += [("decode fp16 64 splits", decode(torch.float16, 64)), ("decode fp32 4 splits", decode(torch.float32, 4)),
+                ("decode bf16 D=256 G=8", decode(torch.bfloat16, 2, 256, 8)), ("decode bf16 D=64 G=1", decode(torch.bfloat16, 2, 64, 1)),
+                ("extend fp32 causal", extend(torch.float32, False)), ("extend bf16 D=256", extend(torch.bfloat16, False, 256))]  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--quick", action="store_true", help="only the bf16 head shapes")
+    args = parser.parse_args(argv)
+    failed = 0
+    for label, call in cases(args.quick):
+        for launch in record(call):
+            try:
+                info = compile_launch(launch, args.arch)
+            except Exception as exc:  # noqa: BLE001 - report every failure, not just the first
+                failed += 1
+                print(f"FAIL {label:24s} {launch.kernel.__name__}: {type(exc).__name__}: {str(exc)[:500]}")
+                continue
+            spill = " SPILLS" if info.get("stack", 0) else ""
+            print(f"ok   {label:24s} {info['kernel']:22s} warps={info.get('num_warps')} stages={info.get('num_stages')} "
+                  f"shared={info['shared']} regs={info.get('registers', '?')} stack={info.get('stack', '?')}{spill}")  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
