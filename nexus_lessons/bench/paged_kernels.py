@@ -297,6 +297,32 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
         run.save()
 
 
+def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: float, batch: int, new: int) -> dict:
+    """SDPA pinned to each backend in turn: which one the default picked matters for the comparison."""
+    if DEV.type != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, Any] = {}
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        if not hasattr(SDPBackend, backend):
+            continue
+
+        def pinned(backend=backend):
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                return sdpa()
+
+        try:
+            err = max_err(pinned().transpose(1, 2).reshape(batch * new, HQ, D), want)
+            t = time_graph(pinned, rep_ms=50)
+            out[backend.lower()] = dict(ms=round(t, 4), tflops=round(flops / t / 1e9, 1), max_abs_err=err)
+        except Exception as exc:  # noqa: BLE001 - a backend that refuses these shapes is information too
+            out[backend.lower()] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            _sync()
+    print(f"  sdpa by backend: { {k: v.get('tflops', 'n/a') for k, v in out.items()} }", flush=True)
+    return out
+
+
 def extend_variants() -> list[tuple[str, Any]]:
     from ..kernels.paged_attention import ExtendConfig
 
@@ -368,6 +394,7 @@ def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> N
     row["sdpa"] = dict(ms=round(t_sdpa, 4), tflops=round(flops / t_sdpa / 1e9, 1))
     row["ours_pct_of_sdpa_tflops"] = round(100 * t_sdpa / t_ours, 1)
     print(f"  ours {row['ours']}  sdpa {row['sdpa']}  ({row['ours_pct_of_sdpa_tflops']}% of SDPA)", flush=True)
+    row["sdpa_by_backend"] = sdpa_backends(sdpa, ref_sdpa, flops, batch, new)
     run.save()
 
     if not (variants and run.variants):
