@@ -35,6 +35,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 _default_impl: str = os.environ.get("NEXUS_KERNEL_IMPL", "auto").strip().lower() or "auto"
+if _default_impl not in _IMPLS:
+    warnings.warn(f"NEXUS_KERNEL_IMPL={_default_impl!r} is not one of {_IMPLS}; using 'auto'", stacklevel=1)
+    _default_impl = "auto"
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
 
@@ -294,6 +297,8 @@ def paged_decode_attention(
     from ``B * Hkv`` against the SM count); ``max_context_len`` is an optional bound that steers it.
     """
     _check_attention_args(q, "[B, Hq, D]", k_cache, v_cache, block_tables, context_lens, q.shape[0])
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int (or None to choose), got {num_splits!r}")
     if _want_values(validate):
         _check_values(k_cache, block_tables, context_lens)
     if resolve_impl(impl, q.device) == "triton":

@@ -26,6 +26,7 @@ Design notes, the "why" of the code below:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers: 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, merge) dominates
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
     """True when these kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     try:
