@@ -280,17 +280,17 @@ def train_model(name: str, model: Transformer, loss_fn: LossFn, train: np.ndarra
         if step == 10:
             sync(device)
             calib = (step, time.perf_counter())
-        last = step == planned
-        if step % s.log_every == 0 or last:
+        if calib is not None and step > calib[0] and (step in (25, 50) or step % s.log_every == 0):
+            sync(device)  # re-plan: cut the steps (and so the cosine) so that the budget holds
+            now = time.perf_counter() - t0
+            per_step = (time.perf_counter() - calib[1]) / (step - calib[0])
+            fits = max(step, step + int((budget * 0.97 - now) / per_step))
+            if fits < planned:
+                log(f"{name}: {per_step * 1e3:.1f} ms/step; cutting steps {planned} -> {fits} to fit the budget")
+                planned, run.stopped_by = fits, "budget (planned)"
+        if step % s.log_every == 0 or step == planned:
             sync(device)
             now = time.perf_counter() - t0
-            if calib is not None and step > calib[0]:  # re-plan: cut the steps so the budget holds
-                per_step = (time.perf_counter() - calib[1]) / (step - calib[0])
-                fits = step + int((budget * 0.97 - now) / per_step)
-                if fits < planned:
-                    log(f"{name}: {per_step * 1e3:.1f} ms/step; cutting steps {planned} -> {max(fits, step)} "
-                        "to fit the budget")
-                    planned, run.stopped_by = max(fits, step), "budget (planned)"
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
             rec = {"step": step, "loss": round(loss.item(), 4), "lr": float(f"{lr:.4g}"),
