@@ -249,6 +249,17 @@ def test_draft_can_be_redone_from_a_trained_target(toy_run, tmp_path):
     load_model(tmp_path / "nexus-tiny-draft")
 
 
+def test_wall_clock_budget_stops_training_and_still_saves(tmp_path):
+    from nexus_lessons.tiny.train import main
+
+    log = main(["--toy", "--out", str(tmp_path), "--max-minutes", "0.0005", "--draft-max-minutes", "0.0005",
+                "--no-eval"])
+    for model in ("target", "draft"):
+        assert log[model]["stopped_by"].startswith("budget") and 0 < log[model]["steps_done"] < 30
+        assert log[model]["evals"][-1]["step"] == log[model]["steps_done"]
+    load_model(tmp_path / "nexus-tiny")
+
+
 def test_train_refuses_a_corpus_from_another_tokenizer(tmp_path):
     from nexus_lessons.tiny.train import main
 
