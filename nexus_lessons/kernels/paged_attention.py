@@ -252,7 +252,7 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
     if device.type != "cuda":
         return 1
-    return _cuda_sms(torch.device(device).index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
