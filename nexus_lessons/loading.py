@@ -58,7 +58,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         path = ASSETS / str(name_or_path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{name_or_path!r} is a shipped name but {path} has no config.json; "
-                                    "reinstall the package or train it with scripts/train_tiny.py")
+                                    "reinstall the package, or rebuild it: python -m nexus_lessons.tiny.prepare, then python -m nexus_lessons.tiny.train (see assets/MODEL_CARD.md)")
         return path
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").exists():
