@@ -198,14 +198,19 @@ def _check_attention_args(
         raise ValueError(f"q has head_dim {head_dim} but the cache has {k_cache.shape[3]}")
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if head_dim < 16:
-        raise ValueError(f"head_dim must be >= 16 (the smallest tl.dot tile), got {head_dim}")
     b = context_lens.shape[0]
     if block_tables.shape[0] != b or (batch is not None and batch != b):
         raise ValueError(
             f"batch sizes disagree: context_lens [{b}], block_tables [{block_tables.shape[0]}, ...]"
             + ("" if batch is None else f", q [{batch}, ...]")
         )
+
+
+def _check_triton_head_dim(q: torch.Tensor) -> None:
+    # A Triton limit, not attention's: the reference takes any head_dim.
+    if q.shape[-1] < 16:
+        raise ValueError(f"the Triton kernels need head_dim >= 16 (the smallest tl.dot tile), got {q.shape[-1]}; "
+                         "use impl='reference'")
 
 
 def _check_values(k_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
@@ -302,6 +307,7 @@ def paged_decode_attention(
     if _want_values(validate):
         _check_values(k_cache, block_tables, context_lens)
     if resolve_impl(impl, q.device) == "triton":
+        _check_triton_head_dim(q)
         with _interpreter_env(q.device):
             return triton_kernels().paged_decode_attention_triton(
                 q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -374,6 +380,7 @@ def paged_prefill_attention(
             if not bool(diag.all()):
                 raise ValueError("custom_mask must let every new token see itself (its diagonal must be True)")
     if resolve_impl(impl, q.device) == "triton":
+        _check_triton_head_dim(q)
         with _interpreter_env(q.device):
             return triton_kernels().paged_prefill_attention_triton(
                 q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
