@@ -140,3 +140,18 @@ def test_llama3_rope_scaling_matches_transformers():
     ids = torch.randint(0, 128, (1, 200))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("mistral", False)])
+def test_load_model_reads_a_folder_transformers_wrote(tmp_path, family, tie):
+    """A checkpoint folder as transformers saves it (config, safetensors, tokenizer) loads with load_model."""
+    from transformers import AutoTokenizer
+
+    hf = hf_model(family, tie=tie, seed=11, vocab=8192)
+    hf.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(nl.loading.ASSETS / "tokenizer").save_pretrained(tmp_path)
+    ours, tok = nl.load_model(tmp_path)
+    ids = tok("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(nl.generate(ours, ids, 12, cache="static"), hf.generate(ids, max_new_tokens=12, do_sample=False))
