@@ -17,6 +17,22 @@ from .generate import _as_batch
 from .kv_cache import KVCache
 
 
+@torch.library.custom_op("nexus_lessons::graph_paged_decode", mutates_args=())
+def graph_paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, max_context_len: int) -> torch.Tensor:
+    """Lesson 02's paged decode attention as one opaque op: the compiler keeps it whole, and its launch
+    (no value checks, no host reads) records into a CUDA graph."""
+    from .kernels import paged_decode_attention
+
+    return paged_decode_attention(q.contiguous(), k_pages, v_pages, block_tables, context_lens,
+                                  max_context_len=max_context_len, validate=False)
+
+
+@graph_paged_decode.register_fake
+def _(q, k_pages, v_pages, block_tables, context_lens, max_context_len):
+    return torch.empty_like(q)
+
+
 class GraphKVCache(KVCache):
     """A `KVCache` whose T=1 steps use device-side positions, so they can be captured in a CUDA graph.
 
@@ -26,8 +42,8 @@ class GraphKVCache(KVCache):
 
     def __init__(self, *args, attention: str = "sdpa", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if attention not in ("sdpa", "reduce"):
-            raise ValueError(f"attention must be 'sdpa' or 'reduce', got {attention!r}")
+        if attention not in ("sdpa", "reduce", "paged"):
+            raise ValueError(f"attention must be 'sdpa', 'reduce' or 'paged', got {attention!r}")
         self.attention = attention
         # One tensor per layer rather than views of one [L, ...] tensor: under torch.compile an in-place
         # write into a view is functionalised into a copy of the whole base tensor, every step.
@@ -36,10 +52,33 @@ class GraphKVCache(KVCache):
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # next write slot
         self.row_pos = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # next RoPE position
         self._graph_step = False
+        if attention == "paged":
+            self._init_pages()
+
+    def _init_pages(self, page: int = 16) -> None:
+        """Decode K/V also kept token-major in whole pages, one run of pages per row: the lesson-02 layout
+        with an identity block table, so the flash-decoding kernel reads it with device-side lengths."""
+        B, S = self.max_batch_size, -(-self.max_seq_len // page) * page
+        self.page, self.row_stride = page, S
+        shape = (B * S, self.num_heads, self.head_dim)
+        self.k_pages = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v_pages = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        pages_per_row = S // page
+        rows = torch.arange(B, device=self.device)[:, None] * pages_per_row
+        self.block_tables = (rows + torch.arange(pages_per_row, device=self.device)).to(torch.int32)
+        self.row_base = torch.arange(B, device=self.device) * S  # flat index of each row's slot 0
 
     def sync_to_device(self) -> None:
-        self.slot.fill_(self.seq_len)
-        self.row_pos[: self.batch_size] = self.key_valid[: self.batch_size].sum(-1)
+        B, T = self.batch_size, self.seq_len
+        self.slot.fill_(T)
+        self.row_pos[:B] = self.key_valid[:B].sum(-1)
+        if self.attention == "paged":
+            if not bool(self.key_valid[:B, :T].all()):
+                raise ValueError("attention='paged' has no padding mask: use equal-length prompts or 'sdpa'")
+            for layer in range(self.num_layers):  # the prefill's K/V, head-major -> token-major pages
+                for src, dst in ((self.k[layer], self.k_pages[layer]), (self.v[layer], self.v_pages[layer])):
+                    dst.view(self.max_batch_size, self.row_stride, self.num_heads, self.head_dim)[:B, :T] = (
+                        src[:B, :, :T].transpose(1, 2))
         self._graph_step = True
 
     def begin_forward(self, input_ids: torch.Tensor, attention_mask_: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,6 +95,8 @@ class GraphKVCache(KVCache):
         if not self._graph_step:
             return super().attend(layer, q, k, v)
         B = q.shape[0]
+        if self.attention == "paged":
+            return self._attend_paged(layer, q, k, v)
         k_all, v_all = self.k[layer], self.v[layer]
         if B < self.max_batch_size:
             k_all, v_all = k_all[:B], v_all[:B]
@@ -72,6 +113,17 @@ class GraphKVCache(KVCache):
         p = torch.softmax(scores.masked_fill(~self._mask, float("-inf")), dim=-1)
         out = (p[..., None] * v_all[:, :, None].float()).sum(-2)  # [B, Hkv, group, D]
         return out.to(q.dtype).reshape(q.shape)
+
+    def _attend_paged(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, Hkv, D = q.shape[0], self.num_heads, self.head_dim
+        flat = self.row_base[:B] + self.slot  # this step's slot in each row's run of pages
+        self.k_pages[layer].index_copy_(0, flat, k[:, :, 0])
+        self.v_pages[layer].index_copy_(0, flat, v[:, :, 0])
+        lens = (self.slot + 1).to(torch.int32).repeat(B)  # a real [B] tensor: the kernel indexes it
+        pages = (-1, self.page, Hkv, D)
+        out = graph_paged_decode(q[:, :, 0], self.k_pages[layer].view(pages), self.v_pages[layer].view(pages),
+                                 self.block_tables[:B], lens, self.row_stride)
+        return out[:, :, None]
 
     def advance(self) -> None:
         self.slot += 1

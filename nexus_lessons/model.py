@@ -24,8 +24,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = None  # optional one-kernel version (kernels.norm.rms_norm), set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # Normalise in float32 like transformers does, then cast back: bf16 variance is too coarse.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -149,19 +152,28 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.no_grad()
-    def fuse_projections(self, fused_activation: bool = False) -> "Transformer":
+    def fuse_projections(self, fused_activation: bool = False, fused_norm: bool = False) -> "Transformer":
         """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
 
         At batch 1 each projection is a matrix-vector product that lasts a few microseconds, so fewer,
         larger ones waste less time in launches and tails. The fused weight becomes the storage and the
         separate q/k/v (gate/up) weights become views into it: no extra memory, same state_dict.
-        `fused_activation` also computes silu(gate) * up in one kernel (`kernels.activation`).
+        `fused_activation` also computes silu(gate) * up in one kernel (`kernels.activation`), and
+        `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
+        inlining them into the matrix-vector products that follow, where they would be recomputed per row.
         """
-        act_fn = None
+        act_fn = norm_fn = None
         if fused_activation:
             from .kernels.activation import silu_and_mul
 
             act_fn = silu_and_mul
+        if fused_norm:
+            from .kernels.norm import rms_norm
+
+            norm_fn = rms_norm
+        for norm in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
+                                                                          layer.post_attention_layernorm))]:
+            norm.kernel = norm_fn
         for layer in self.layers:
             layer.mlp.act_fn = act_fn
             attn, mlp = layer.self_attn, layer.mlp
@@ -177,6 +189,8 @@ class Transformer(nn.Module):
             object.__setattr__(layer.self_attn, "qkv_proj", None)
             object.__setattr__(layer.mlp, "gate_up_proj", None)
             layer.mlp.act_fn = None
+            layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None
+        self.norm.kernel = None
         return self
 
     def _apply(self, fn, recurse=True):

@@ -235,6 +235,25 @@ def test_decode_bf16_strided_q_custom_scale_odd_head_dim():
         assert_close(out, want, torch.bfloat16, impl)
 
 
+@needs_triton
+def test_decode_and_extend_take_broadcast_lengths():
+    """context_lens / query_start_loc as stride-0 or sliced views (what a CUDA-graph step builds)."""
+    bs, hkv, group, d = 16, 2, 2, 32
+    lens = [37, 37, 37]
+    k_cache, v_cache, tables, _ = make_paged(lens, bs, hkv, d, torch.float32, seed=3)
+    ctx = torch.tensor([37], dtype=torch.int32, device=DEV).expand(3)
+    q = torch.randn(3, hkv * group, d, device=DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx.contiguous())
+    for splits in (1, 2):
+        out = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton", num_splits=splits)
+        assert_close(out, want, torch.float32, f"splits={splits}")
+    qsl = torch.tensor([0, 0, 5, 5, 10, 10, 15], dtype=torch.int32, device=DEV)[::2]  # a strided view
+    qx = torch.randn(15, hkv * group, d, device=DEV)
+    ref = K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl.contiguous(), impl="reference")
+    got = K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl, impl="triton")
+    assert_close(got, ref.double(), torch.float32, "extend")
+
+
 def test_choose_num_splits():
     # H200: 132 SMs, Hkv 8. Batch 1 x 32k must spread over the GPU; big batches need no split.
     if pa is not None:

@@ -115,7 +115,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip timing transformers (exploration runs only)")
-    ap.add_argument("--cublas-variant", action="store_true", help="also time compile with cuBLAS GEMVs")
+    ap.add_argument("--more-variants", action="store_true",
+                    help="also time the variants that lost before (reduction attention, cuBLAS GEMVs)")
     ap.add_argument("--profile", action="store_true", help="record where a compiled decode step spends its time")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -131,11 +132,11 @@ def main(argv=None) -> dict:
 
     # 1. Correctness in float32: our graph decoder (both attentions), fused, against transformers' greedy generate.
     hf = _hf_model(torch.float32)
-    ours = from_hf(hf).fuse_projections(fused_activation=True)
+    ours = from_hf(hf).fuse_projections(fused_activation=True, fused_norm=True)
     n_check = 32
     ref = hf.generate(ids, max_new_tokens=n_check, do_sample=False)
     check = {"new_tokens": n_check, "nocache_equals_transformers": bool((ref == generate(ours, ids, n_check)).all())}
-    for attn in ("sdpa", "reduce"):
+    for attn in ("sdpa", "reduce", "paged"):
         got = CUDAGraphDecoder(ours, 1, max_len, attention=attn).generate(ids, n_check)
         check[f"graph_{attn}_equals_transformers"] = bool((ref == got).all())
     results["check_float32"] = check
@@ -159,21 +160,27 @@ def main(argv=None) -> dict:
     del hf
     torch.cuda.empty_cache()
     rows["ours: generate, static cache, eager"] = {"tokens_per_s": _time_ours_eager(ours, ids, args.hf_new_tokens)}
-    # (name, fuse projections, fused activation kernel, compile, inductor's coordinate-descent GEMVs, attention)
-    variants = [("ours: CUDA graph", False, False, False, False, "sdpa"),
-                ("ours: CUDA graph + fused projections", True, False, False, False, "sdpa")]
+    # (name, fuse projections, silu_and_mul kernel, rms_norm kernel, compile, coordinate-descent GEMVs, attention)
+    variants = [("ours: CUDA graph", False, False, False, False, False, "sdpa"),
+                ("ours: CUDA graph + fused projections", True, False, False, False, False, "sdpa")]
     if not args.no_compile:
         variants += [
-            ("ours: compile + CUDA graph + fused projections", True, False, True, True, "sdpa"),
-            ("ours: ... + silu_and_mul kernel", True, True, True, True, "sdpa"),
-            ("ours: ... + silu_and_mul kernel + reduction attention", True, True, True, True, "reduce"),
+            ("ours: compile + CUDA graph + fused projections", True, False, False, True, True, "sdpa"),
+            ("ours: ... + silu_and_mul kernel", True, True, False, True, True, "sdpa"),
+            ("ours: ... + silu_and_mul + rms_norm kernels", True, True, True, True, True, "sdpa"),
+            ("ours: ... + silu_and_mul + rms_norm kernels + paged decode attention", True, True, True, True, True,
+             "paged"),
         ]
-        if args.cublas_variant:
-            variants.append(("ours: compile (cuBLAS GEMV) + CUDA graph + fused projections", True, False, True, False, "sdpa"))
-    for name, fuse, act, comp, coord, attn in variants:
+        if args.more_variants:
+            variants += [
+                ("ours: ... + silu_and_mul kernel + reduction attention", True, True, False, True, True, "reduce"),
+                ("ours: compile (cuBLAS GEMV) + CUDA graph + fused projections", True, False, False, True, False,
+                 "sdpa"),
+            ]
+    for name, fuse, act, norm, comp, coord, attn in variants:
         ours.unfuse_projections()
         if fuse:
-            ours.fuse_projections(fused_activation=act)
+            ours.fuse_projections(fused_activation=act, fused_norm=norm)
         torch._dynamo.reset()
         # With coordinate-descent tuning on, inductor rewrites M=1 matmuls as fused mul+sum reductions.
         torch._inductor.config.coordinate_descent_tuning = coord

@@ -4,7 +4,8 @@ Each kernel has a plain-PyTorch twin in ``reference.py`` with the same signature
 the arguments and picks one side. The launchers here assume checked arguments.
 
 Conventions (vLLM's): ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``, ``block_tables [B, max_blocks]``,
-``context_lens [B]``. Any strides work (they are passed in), so views and slices are fine.
+``context_lens [B]``. Any strides work for the tensors whose strides are passed in (views and slices are
+fine); ``context_lens`` and ``query_start_loc`` are made contiguous at launch.
 
 Design notes, the "why" of the code below:
 
@@ -331,7 +332,7 @@ def paged_decode_attention_triton(
         p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial, lse,
+        q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse,  # lens indexed as b
         scale * LOG2E, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
@@ -563,7 +564,7 @@ def paged_prefill_attention_triton(
         mask = custom_mask.to(torch.int8)
         mask_strides = mask.stride()
     _extend_kernel[(num_heads, batch, num_m_blocks)](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, mask,
+        q, k_cache, v_cache, block_tables, context_lens.contiguous(), query_start_loc.contiguous(), out, mask,
         scale * LOG2E, num_m_blocks,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(), *mask_strides,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
