@@ -145,8 +145,6 @@ class CUDAGraphDecoder:
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, use_graph: bool | None = None,
                  compile: bool | str = False, attention: str = "sdpa") -> None:
         self.model = model
-        if model.device.type == "cuda" and any(layer.mlp.act_fn is not None for layer in model.layers):
-            model.layers[0].mlp.act_fn(torch.zeros(1, 2, device=model.device, dtype=model.dtype))  # build the op before tracing
         c = model.config
         self.cache = GraphKVCache(c.num_hidden_layers, max_batch_size, max_seq_len, c.num_key_value_heads,
                                   c.head_dim, dtype=model.dtype, device=model.device, attention=attention)
@@ -183,9 +181,8 @@ class CUDAGraphDecoder:
             torch.cuda.current_stream().wait_stream(stream)
             self._restore_state(state)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph):  # records the step; nothing runs until replay()
                 self.step(B)
-            self._restore_state(state)  # capture ran the step once too
             self.graphs[B] = graph
         return self.graphs[B]
 

@@ -162,18 +162,21 @@ class Transformer(nn.Module):
         `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
         inlining them into the matrix-vector products that follow, where they would be recomputed per row.
         """
+        from .kernels import activation, norm
+
+        on_gpu = self.device.type == "cuda"
         act_fn = norm_fn = None
         if fused_activation:
-            from .kernels.activation import silu_and_mul
-
-            act_fn = silu_and_mul
+            act_fn = activation.silu_and_mul
+            if on_gpu:
+                activation.build()
         if fused_norm:
-            from .kernels.norm import rms_norm
-
-            norm_fn = rms_norm
-        for norm in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
-                                                                          layer.post_attention_layernorm))]:
-            norm.kernel = norm_fn
+            norm_fn = norm.rms_norm
+            if on_gpu:
+                norm.build()
+        for rms in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
+                                                                         layer.post_attention_layernorm))]:
+            rms.kernel = norm_fn
         for layer in self.layers:
             layer.mlp.act_fn = act_fn
             attn, mlp = layer.self_attn, layer.mlp

@@ -50,13 +50,18 @@ def _build_op():
     return silu_and_mul_triton
 
 
+def build() -> None:
+    """Define and register the op now (torch.compile must not trace its first definition)."""
+    global _silu_and_mul_op
+    if _silu_and_mul_op is None:
+        _silu_and_mul_op = _build_op()
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel on CUDA tensors, the reference elsewhere."""
-    global _silu_and_mul_op
     if x.shape[-1] % 2:
         raise ValueError(f"last dimension must hold [gate | up], an even size; got {x.shape[-1]}")
     if not x.is_cuda:
         return silu_and_mul_ref(x)
-    if _silu_and_mul_op is None:
-        _silu_and_mul_op = _build_op()
+    build()
     return _silu_and_mul_op(x.contiguous())

@@ -50,13 +50,18 @@ def _build_op():
     return rms_norm_triton
 
 
+def build() -> None:
+    """Define and register the op now (torch.compile must not trace its first definition)."""
+    global _rms_norm_op
+    if _rms_norm_op is None:
+        _rms_norm_op = _build_op()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The Triton kernel on CUDA tensors (x and weight of one dtype), the reference elsewhere."""
-    global _rms_norm_op
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"weight has {weight.shape[-1]} entries for a hidden size of {x.shape[-1]}")
     if not x.is_cuda or weight.dtype != x.dtype:
         return rms_norm_ref(x, weight, eps)
-    if _rms_norm_op is None:
-        _rms_norm_op = _build_op()
+    build()
     return _rms_norm_op(x.contiguous(), weight, eps)
