@@ -52,13 +52,18 @@ def _as_batch(model, input_ids, attention_mask, pad_token_id):
     raise TypeError(f"input_ids must be a LongTensor or a list of token-id lists, got {type(input_ids).__name__}")
 
 
-def make_cache(kind: str, model, batch_size: int, max_seq_len: int):
-    """Build a cache by name: "static" (preallocated `KVCache`) or "dynamic" (`DynamicKVCache`)."""
+def make_cache(kind: str, model, batch_size: int, max_seq_len: int, block_size: int = 16):
+    """Build a cache by name, sized for `batch_size` sequences of `max_seq_len` tokens: "static"
+    (preallocated `KVCache`), "dynamic" (`DynamicKVCache`) or "paged" (`PagedKVCache`, lesson 02)."""
     if kind == "static":
         return KVCache.for_model(model, batch_size, max_seq_len)
     if kind == "dynamic":
         return DynamicKVCache()
-    raise ValueError(f"unknown cache kind {kind!r}: use 'static', 'dynamic' or a cache object")
+    if kind == "paged":
+        from .paged import PagedKVCache
+
+        return PagedKVCache.for_model(model, batch_size * -(-max_seq_len // block_size), block_size)
+    raise ValueError(f"unknown cache kind {kind!r}: use 'static', 'dynamic', 'paged' or a cache object")
 
 
 @torch.no_grad()
@@ -81,7 +86,7 @@ def generate(
 
     `input_ids` is [B, T] (left-padded, with `attention_mask`, like transformers), [T], or a list of
     token-id lists of any lengths (padded here). `cache` is None (recompute everything each step),
-    "static", "dynamic", or a cache object (reset here, then filled). Rows that emit an eos token are
+    "static", "dynamic", "paged", or a cache object (reset here, then filled). Rows that emit an eos token are
     padded with `pad_token_id` (default: the first eos id) until every row is done, like transformers.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -541,3 +541,14 @@ def test_triton_kernels_under_the_interpreter():
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_generate_builds_a_paged_cache_by_name():
+    from conftest import hf_model
+
+    import nexus_lessons as nl
+
+    ours = nl.from_hf(hf_model("llama", tie=False, seed=5))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    ref = nl.generate(ours, prompts, 19)
+    assert torch.equal(nl.generate(ours, prompts, 19, cache="paged"), ref)

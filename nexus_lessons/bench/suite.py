@@ -23,21 +23,8 @@ TECHNIQUES: dict[str, Callable[..., torch.Tensor]] = {
     "baseline": lambda model, ids, n: generate(model, ids, n, cache=None),
     "kv_cache": lambda model, ids, n: generate(model, ids, n, cache="static"),
     "kv_cache_dynamic": lambda model, ids, n: generate(model, ids, n, cache="dynamic"),
+    "paged_kv_cache": lambda model, ids, n: generate(model, ids, n, cache="paged"),
 }
-
-
-def _paged(model, ids, n):
-    from ..paged import PagedKVCache
-
-    c = model.config
-    block = 16
-    blocks = ids.shape[0] * (-(-(ids.shape[1] + n) // block) + 1)
-    cache = PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block, blocks,
-                         dtype=model.dtype, device=model.device)
-    return generate(model, ids, n, cache=cache)
-
-
-TECHNIQUES["paged_kv_cache"] = _paged
 
 
 class InferenceBenchmark:
