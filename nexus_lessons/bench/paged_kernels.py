@@ -216,6 +216,7 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
 def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> None:
     from ..kernels import paged_decode_attention, paged_decode_attention_ref
     from ..kernels.paged_attention import (
+        DecodeConfig,
         choose_num_splits,
         default_decode_config,
         num_sms,
@@ -300,6 +301,29 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
         row["variants"].append(entry)
         print(f"  {label:40s} {entry.get('ms', '-')} ms  {entry.get('pct_copy', '-')}%", flush=True)
         run.save()
+
+    # The same values in a head-major pool ([blocks, Hkv, block, D], FlashInfer's "HND"), passed to the
+    # same kernel as a strided view: each (page, head) is then one contiguous 4 KB run instead of 16
+    # runs of 256 bytes. Tells whether the cache layout, not the kernel, limits the bandwidth.
+    if run.left_s() < 30:
+        return
+    try:
+        k_hnd = data["k_cache"].transpose(1, 2).contiguous().transpose(1, 2)
+        v_hnd = data["v_cache"].transpose(1, 2).contiguous().transpose(1, 2)
+        hnd_args = (q, k_hnd, v_hnd, data["block_tables"], data["context_lens"])
+        for label, vcfg in (("layout=HND", None), ("layout=HND block_n=128 warps=8", DecodeConfig(128, 8, 2))):
+            def hnd(vcfg=vcfg):
+                return paged_decode_attention_triton(*hnd_args, config=vcfg)
+
+            err = max_err(hnd(), ref_sdpa)
+            check(f"{name} {label}", err, 2e-2)
+            entry = dict(variant=label, **bandwidth_row(time_graph(hnd, rep_ms=50), nbytes, copy_gbs), max_abs_err=err)
+            row["variants"].append(entry)
+            print(f"  {label:40s} {entry['ms']} ms  {entry['pct_copy']}%", flush=True)
+        del k_hnd, v_hnd, hnd_args
+    except Exception as exc:  # noqa: BLE001
+        row["variants"].append(dict(variant="layout=HND", **run.error(f"{name} layout=HND", exc)))
+    run.save()
 
 
 def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: float, batch: int, new: int) -> dict:
