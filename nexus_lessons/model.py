@@ -84,11 +84,15 @@ class Attention(nn.Module):
         object.__setattr__(self, "qkv_proj", None)  # set by Transformer.fuse_projections()
 
     def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
-        B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, cache, mask))
+
+    def attend(self, q, k, v, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        """Projected q/k/v [B, T, H*D] -> heads, RoPE, attention -> [B, T, Hq*D], ready for o_proj."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -97,7 +101,7 @@ class Attention(nn.Module):
             out = sdpa(q, k, v, mask, causal=True)  # the baseline: attend over the whole sequence again
         else:
             out = cache.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -127,10 +131,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gemv = None  # kernels.gemv.fused_linear when fuse_projections(fused_gemv=True)
 
     def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        if self.gemv is not None:
+            return self._forward_gemv(x, cos, sin, cache, mask)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_gemv(self, x, cos, sin, cache, mask) -> torch.Tensor:
+        """The same layer as four fused projections: norm -> qkv, o_proj + residual, norm -> gate_up,
+        silu_and_mul -> down + residual (one GEMV kernel each at batch 1; the unfused ops otherwise)."""
+        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv = self.gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+        out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, cache, mask)
+        x = self.gemv(out, attn.o_proj.weight, residual=x)
+        gate_up = self.gemv(x, mlp.gate_up_proj.weight, norm_weight=n2.weight, eps=n2.eps)
+        return self.gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
 
 
 class Transformer(nn.Module):
@@ -152,7 +169,9 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.no_grad()
-    def fuse_projections(self, fused_activation: bool = False, fused_norm: bool = False) -> "Transformer":
+    def fuse_projections(
+        self, fused_activation: bool = False, fused_norm: bool = False, fused_gemv: bool = False
+    ) -> "Transformer":
         """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
 
         At batch 1 each projection is a matrix-vector product that lasts a few microseconds, so fewer,
@@ -161,8 +180,10 @@ class Transformer(nn.Module):
         `fused_activation` also computes silu(gate) * up in one kernel (`kernels.activation`), and
         `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
         inlining them into the matrix-vector products that follow, where they would be recomputed per row.
+        `fused_gemv` runs each layer as four matrix-vector kernels with the norms, the activation and
+        the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise).
         """
-        from .kernels import activation, norm
+        from .kernels import activation, gemv, norm
 
         on_gpu = self.device.type == "cuda"
         act_fn = norm_fn = None
@@ -174,6 +195,8 @@ class Transformer(nn.Module):
             norm_fn = norm.rms_norm
             if on_gpu:
                 norm.build()
+        if fused_gemv and on_gpu:
+            gemv.build()
         for rms in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
                                                                          layer.post_attention_layernorm))]:
             rms.kernel = norm_fn
@@ -185,6 +208,7 @@ class Transformer(nn.Module):
             object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
             attn.qkv_sizes = [p.out_features for p in parts]
             object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
+            layer.gemv = gemv.fused_linear if fused_gemv else None
         return self
 
     def unfuse_projections(self) -> "Transformer":
@@ -192,6 +216,7 @@ class Transformer(nn.Module):
             object.__setattr__(layer.self_attn, "qkv_proj", None)
             object.__setattr__(layer.mlp, "gate_up_proj", None)
             layer.mlp.act_fn = None
+            layer.gemv = None
             layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None
         self.norm.kernel = None
         return self

@@ -139,9 +139,15 @@ def main(argv=None) -> dict:
     for attn in ("sdpa", "reduce", "paged"):
         got = CUDAGraphDecoder(ours, 1, max_len, attention=attn).generate(ids, n_check)
         check[f"graph_{attn}_equals_transformers"] = bool((ref == got).all())
+    assert all(check.values()), f"our decoders disagree with transformers in float32: {check}"
+    # The GEMV kernels (autotuned here, in float32), asserted after the others so a failure names itself.
+    ours.unfuse_projections().fuse_projections(fused_gemv=True)
+    for attn in ("sdpa", "paged"):
+        got = CUDAGraphDecoder(ours, 1, max_len, attention=attn).generate(ids, n_check)
+        check[f"graph_{attn}_gemv_kernels_equals_transformers"] = bool((ref == got).all())
     results["check_float32"] = check
     print("float32 check:", check, flush=True)
-    assert all(check.values()), "our decoders disagree with transformers in float32"
+    assert all(check.values()), f"our GEMV kernels disagree with transformers in float32: {check}"
     del hf, ours
     torch.cuda.empty_cache()
 
@@ -160,27 +166,31 @@ def main(argv=None) -> dict:
     del hf
     torch.cuda.empty_cache()
     rows["ours: generate, static cache, eager"] = {"tokens_per_s": _time_ours_eager(ours, ids, args.hf_new_tokens)}
-    # (name, fuse projections, silu_and_mul kernel, rms_norm kernel, compile, coordinate-descent GEMVs, attention)
-    variants = [("ours: CUDA graph", False, False, False, False, False, "sdpa"),
-                ("ours: CUDA graph + fused projections", True, False, False, False, False, "sdpa")]
+    # (name, fuse projections, silu_and_mul kernel, rms_norm kernel, GEMV kernels, compile,
+    #  coordinate-descent GEMVs, attention)
+    variants = [("ours: CUDA graph", False, False, False, False, False, False, "sdpa"),
+                ("ours: CUDA graph + fused projections", True, False, False, False, False, False, "sdpa")]
     if not args.no_compile:
         variants += [
-            ("ours: compile + CUDA graph + fused projections", True, False, False, True, True, "sdpa"),
-            ("ours: ... + silu_and_mul kernel", True, True, False, True, True, "sdpa"),
-            ("ours: ... + silu_and_mul + rms_norm kernels", True, True, True, True, True, "sdpa"),
-            ("ours: ... + silu_and_mul + rms_norm kernels + paged decode attention", True, True, True, True, True,
-             "paged"),
+            ("ours: compile + CUDA graph + fused projections", True, False, False, False, True, True, "sdpa"),
+            ("ours: ... + silu_and_mul kernel", True, True, False, False, True, True, "sdpa"),
+            ("ours: ... + silu_and_mul kernel + paged decode attention", True, True, False, False, True, True, "paged"),
+            ("ours: compile + CUDA graph + GEMV kernels", True, False, False, True, True, True, "sdpa"),
+            ("ours: compile + CUDA graph + GEMV kernels + paged decode attention", True, False, False, True, True,
+             True, "paged"),
         ]
         if args.more_variants:
             variants += [
-                ("ours: ... + silu_and_mul kernel + reduction attention", True, True, False, True, True, "reduce"),
-                ("ours: compile (cuBLAS GEMV) + CUDA graph + fused projections", True, False, False, True, False,
-                 "sdpa"),
+                ("ours: ... + silu_and_mul + rms_norm kernels", True, True, True, False, True, True, "sdpa"),
+                ("ours: ... + silu_and_mul kernel + reduction attention", True, True, False, False, True, True,
+                 "reduce"),
+                ("ours: compile (cuBLAS GEMV) + CUDA graph + fused projections", True, False, False, False, True,
+                 False, "sdpa"),
             ]
-    for name, fuse, act, norm, comp, coord, attn in variants:
+    for name, fuse, act, norm, gemv, comp, coord, attn in variants:
         ours.unfuse_projections()
         if fuse:
-            ours.fuse_projections(fused_activation=act, fused_norm=norm)
+            ours.fuse_projections(fused_activation=act, fused_norm=norm, fused_gemv=gemv)
         torch._dynamo.reset()
         # With coordinate-descent tuning on, inductor rewrites M=1 matmuls as fused mul+sum reductions.
         torch._inductor.config.coordinate_descent_tuning = coord

@@ -199,17 +199,25 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
     from ..kernels.paged_attention import MAX_SPLITS, DecodeConfig
 
     configs = [
-        DecodeConfig(32, 4, 2), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 4),
-        DecodeConfig(64, 8, 2), DecodeConfig(128, 4, 2), DecodeConfig(128, 8, 2), DecodeConfig(128, 8, 3),
-        DecodeConfig(64, 2, 2),
+        DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3),
+        DecodeConfig(64, 2, 3), DecodeConfig(128, 4, 2), DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 3, True),
+        DecodeConfig(64, 2, 3, True),
     ]  # fmt: skip
-    out: list[tuple[str, Any, int | None]] = [
-        (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}", c, None) for c in configs
-    ]
+
+    def label(c: DecodeConfig) -> str:
+        return f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
+
+    out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
     by_length = max(1, context // 128)
-    for s in sorted({1, 2, 4, 8, 16, 32, 64, 128, splits_auto * 2, max(1, splits_auto // 2)}):
+    wanted = {1, 2, 4, 8, 16, 32, 64, 128, splits_auto * 2, max(1, splits_auto // 2)}
+    if batch * HKV < 132:  # the long-context case: programs per SM decide it; non-powers of two too
+        wanted |= {24, 33, 40, 48, 56, 66, 80, 96}
+    for s in sorted(wanted):
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
             out.append((f"splits={s}", None, s))
+            if batch * HKV < 132 and 24 <= s <= 96:
+                for c in (DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True)):
+                    out.append((f"splits={s} {label(c)}", c, s))
     return out
 
 

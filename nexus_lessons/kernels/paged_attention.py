@@ -122,7 +122,8 @@ class DecodeConfig:
 
     block_n: int = 64  # tokens per iteration: several 16-token pages gathered per tile
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
+    evict_first: bool = False  # hint L2 to drop K/V first (each byte is read once per step)
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -185,6 +186,7 @@ def _decode_split_kernel(
             k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
             mask=kv_mask,
             other=0.0,
+            eviction_policy=EVICT,
         )
         if UPCAST:
             k = k.to(tl.float32)
@@ -198,10 +200,11 @@ def _decode_split_kernel(
             v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
             mask=kv_mask,
             other=0.0,
+            eviction_policy=EVICT,
         )
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
         m_i = m_new
 
     nonempty = l_i > 0.0
@@ -288,7 +291,8 @@ def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.devic
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16 if head_dim > 64 else 32, num_warps=4, num_stages=2)
-    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    # 3 stages: measured on the H200 equal or better than 2 at all three benchmark shapes
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
 
 
 def paged_decode_attention_triton(
@@ -339,6 +343,7 @@ def paged_decode_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        EVICT="evict_first" if cfg.evict_first else "",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not direct:
@@ -423,7 +428,7 @@ def _extend_tile(
     )
     if UPCAST:
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
     return acc, l_i, m_new
 
 
