@@ -11,11 +11,15 @@ Cache protocol (see `kv_cache.KVCache` for the contiguous one):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention_mask, sdpa
+
+GEMV_SITES = ("attention", "mlp")  # qkv + o_proj, gate_up + down: see Transformer.fuse_projections
 from .config import ModelConfig, llama3_inv_freq
 
 
@@ -131,7 +135,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gemv = None  # kernels.gemv.fused_linear when fuse_projections(fused_gemv=True)
+        self.gemv = None  # kernels.gemv.fused_linear, set by fuse_projections(fused_gemv=...)
+        self.gemv_sites: set[str] = set()  # which of GEMV_SITES use it
 
     def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
         if self.gemv is not None:
@@ -140,14 +145,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _forward_gemv(self, x, cos, sin, cache, mask) -> torch.Tensor:
-        """The same layer as four fused projections: norm -> qkv, o_proj + residual, norm -> gate_up,
-        silu_and_mul -> down + residual (one GEMV kernel each at batch 1; the unfused ops otherwise)."""
-        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        qkv = self.gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
-        out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, cache, mask)
-        x = self.gemv(out, attn.o_proj.weight, residual=x)
-        gate_up = self.gemv(x, mlp.gate_up_proj.weight, norm_weight=n2.weight, eps=n2.eps)
-        return self.gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
+        """The same layer with its projections as fused GEMVs (one kernel each at batch 1, the unfused ops
+        otherwise): norm -> qkv, o_proj + residual | norm -> gate_up, silu_and_mul -> down + residual."""
+        attn, mlp, n1, n2, f = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm, self.gemv
+        if "attention" in self.gemv_sites:
+            qkv = f(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+            out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, cache, mask)
+            x = f(out, attn.o_proj.weight, residual=x)
+        else:
+            x = x + attn(n1(x), cos, sin, cache, mask)
+        if "mlp" in self.gemv_sites:
+            gate_up = f(x, mlp.gate_up_proj.weight, norm_weight=n2.weight, eps=n2.eps)
+            return f(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
+        return x + mlp(n2(x))
 
 
 class Transformer(nn.Module):
@@ -170,7 +180,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(
-        self, fused_activation: bool = False, fused_norm: bool = False, fused_gemv: bool = False
+        self, fused_activation: bool = False, fused_norm: bool = False, fused_gemv: bool | Iterable[str] = False
     ) -> "Transformer":
         """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
 
@@ -181,7 +191,8 @@ class Transformer(nn.Module):
         `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
         inlining them into the matrix-vector products that follow, where they would be recomputed per row.
         `fused_gemv` runs each layer as four matrix-vector kernels with the norms, the activation and
-        the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise).
+        the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise); a
+        subset of GEMV_SITES ("attention": qkv + o_proj, "mlp": gate_up + down) uses it there only.
         """
         from .kernels import activation, gemv, norm
 
@@ -195,7 +206,10 @@ class Transformer(nn.Module):
             norm_fn = norm.rms_norm
             if on_gpu:
                 norm.build()
-        if fused_gemv and on_gpu:
+        sites = set(GEMV_SITES if fused_gemv is True else (fused_gemv or ()))
+        if sites - set(GEMV_SITES):
+            raise ValueError(f"unknown GEMV sites {sorted(sites - set(GEMV_SITES))}; choose from {GEMV_SITES}")
+        if sites and on_gpu:
             gemv.build()
         for rms in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
                                                                          layer.post_attention_layernorm))]:
@@ -208,7 +222,7 @@ class Transformer(nn.Module):
             object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
             attn.qkv_sizes = [p.out_features for p in parts]
             object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
-            layer.gemv = gemv.fused_linear if fused_gemv else None
+            layer.gemv, layer.gemv_sites = (gemv.fused_linear if sites else None), sites
         return self
 
     def unfuse_projections(self) -> "Transformer":
@@ -216,7 +230,7 @@ class Transformer(nn.Module):
             object.__setattr__(layer.self_attn, "qkv_proj", None)
             object.__setattr__(layer.mlp, "gate_up_proj", None)
             layer.mlp.act_fn = None
-            layer.gemv = None
+            layer.gemv, layer.gemv_sites = None, set()
             layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None
         self.norm.kernel = None
         return self

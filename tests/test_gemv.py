@@ -18,11 +18,12 @@ import torch
 from nexus_lessons.kernels.gemv import launch, fused_linear_ref
 g = torch.Generator().manual_seed(0)
 cases = [  # N, K (not multiples of the tiles), rows, bias, norm, silu_mul, residual, tile
-    (37, 100, 1, False, True, False, False, (8, 32)),
-    (50, 70, 2, True, False, False, True, (16, 64)),
-    (33, 45, 3, False, False, True, True, (8, 16)),
-    (64, 128, 1, True, True, False, True, (4, 128)),
-    (19, 64, 1, False, False, False, False, (32, 256)),
+    (37, 100, 1, False, True, False, False, (8, 32, 4, 1)),
+    (50, 70, 2, True, False, False, True, (16, 64, 4, 2)),
+    (33, 45, 3, False, False, True, True, (8, 16, 2, 1)),
+    (64, 128, 1, True, True, False, True, (4, 128, 4, 1)),
+    (19, 64, 1, False, False, False, False, (32, 256, 4, 1)),
+    (40, 300, 1, False, True, True, True, (1, 128, 4, 1)),
 ]
 for dtype, tol in [(torch.float32, 2e-6), (torch.float16, 4e-3)]:
     for N, K, M, bias, norm, silu, res, tile in cases:
@@ -39,9 +40,9 @@ for dtype, tol in [(torch.float32, 2e-6), (torch.float16, 4e-3)]:
         assert out.dtype == dtype and out.shape == (M, N)
         err = ((out.double() - want64).norm() / want64.norm()).item()
         assert err < tol, (dtype, N, K, err)
-        if dtype == torch.float16:  # same roundings as the unfused ops, so much closer to them than to float64
-            err_u = ((out.double() - unfused.double()).norm() / want64.norm()).item()
-            assert err_u < 2e-3, (N, K, err_u)
+        if dtype == torch.float16:  # the fused kernel rounds no more often than the unfused ops
+            err_u = ((unfused.double() - want64).norm() / want64.norm()).item()
+            assert err <= err_u * 1.05, (N, K, err, err_u)
 print("ok")
 """
 
@@ -106,3 +107,16 @@ def test_gpu_kernel_path_generates_what_the_plain_model_does():
         got = fused_linear(x, w, silu_mul=silu, residual=r)
         want = fused_linear_ref(x.double(), w.double(), silu_mul=silu, residual=r.double())
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_gemv_sites_subset_and_unknown_site():
+    model, _ = load_model("nexus-tiny", tokenizer=False)
+    ids = torch.tensor([[3, 99, 1024, 7]])
+    plain = generate(model, ids, 12)
+    model.fuse_projections(fused_activation=True, fused_gemv=["attention"])
+    try:
+        assert torch.equal(generate(model, ids, 12, cache="static"), plain)
+    finally:
+        model.unfuse_projections()
+    with pytest.raises(ValueError, match="unknown GEMV sites"):
+        model.fuse_projections(fused_gemv=["attention", "lm_head"])

@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--more-variants", action="store_true",
                     help="also time the variants that lost before (reduction attention, cuBLAS GEMVs)")
     ap.add_argument("--profile", action="store_true", help="record where a compiled decode step spends its time")
+    ap.add_argument("--only", nargs="*", default=None, help="time only the variants whose name contains one of these")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU; the course shows its committed results instead")
@@ -178,6 +179,10 @@ def main(argv=None) -> dict:
             ("ours: compile + CUDA graph + GEMV kernels", True, False, False, True, True, True, "sdpa"),
             ("ours: compile + CUDA graph + GEMV kernels + paged decode attention", True, False, False, True, True,
              True, "paged"),
+            ("ours: ... + silu_and_mul kernel + attention GEMV kernels", True, True, False, ["attention"], True, True,
+             "sdpa"),
+            ("ours: ... + silu_and_mul kernel + attention GEMV kernels + paged decode attention", True, True, False,
+             ["attention"], True, True, "paged"),
         ]
         if args.more_variants:
             variants += [
@@ -187,6 +192,8 @@ def main(argv=None) -> dict:
                 ("ours: compile (cuBLAS GEMV) + CUDA graph + fused projections", True, False, False, False, True,
                  False, "sdpa"),
             ]
+    if args.only is not None:
+        variants = [v for v in variants if any(word in v[0] for word in args.only)]
     for name, fuse, act, norm, gemv, comp, coord, attn in variants:
         ours.unfuse_projections()
         if fuse:

@@ -10,10 +10,12 @@ sits around it in a Llama layer, so one layer is four GEMV launches:
     gate_up = W_gu   @ rmsnorm(x)                       (NORM)
     x       = x + W_down @ (silu(gate) * up)            (SILU_MUL and RESIDUAL)
 
-The input vector is a few KB and stays in L2, so recomputing the norm or the activation in every
-program costs far less than a launch. Rounding follows the unfused PyTorch ops step by step (norm,
-activation and projection outputs are rounded to the model's dtype where PyTorch rounds them), so the
-fused and unfused models agree as closely as two summation orders can.
+The input vector is a few KB and stays in L2, so recomputing the activation in every program costs far
+less than a launch. The norm is factored out of the sum, W @ (g * x * r) = r * (W @ (g * x)) with
+r = 1/rms(x), so the sum of squares accumulates in the same pass as the product: no program waits for
+a first pass over x before it starts reading its weights. The price is one rounding fewer than the
+unfused ops (x * r is not rounded to bf16 before the product), so the fused result is a little closer
+to the exact one; the activation and the residual round where PyTorch rounds them.
 
 ``fused_linear`` runs the kernel for CUDA inputs of at most ``MAX_ROWS`` rows and the reference
 (``fused_linear_ref``: the unfused ops) otherwise, e.g. for a prompt.
@@ -80,13 +82,7 @@ def _build():
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         x_row = X + m * stride_xm
-        if NORM:  # 1/rms of the whole input row first (from L2: every program reads the same x)
-            sq = tl.zeros([BLOCK_K], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-                sq += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+        sq = tl.zeros([BLOCK_K], tl.float32)  # sum of squares of x, for the norm
         w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # reduced once at the end, not per chunk
         for k0 in range(0, K, BLOCK_K):
@@ -99,13 +95,15 @@ def _build():
                 xv = (silu * up).to(dtype).to(tl.float32)
             else:
                 xv = tl.load(x_row + cols, mask=k_mask, other=0.0).to(tl.float32)
-            if NORM:  # as rms_norm_ref: normalise, round, times the weight, round
-                g = tl.load(G + cols, mask=k_mask, other=0.0).to(tl.float32)
-                xv = ((xv * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+            if NORM:  # r * (g * x), r applied after the sum
+                sq += xv * xv
+                xv *= tl.load(G + cols, mask=k_mask, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
             acc += w.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, 1)
+        if NORM:
+            y *= 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=row_mask, other=0.0).to(tl.float32)
         if RESIDUAL:  # the projection's output rounds before the add, as in x + linear(...)
@@ -133,10 +131,10 @@ def launch(
     eps: float,
     silu_mul: bool,
     residual: torch.Tensor | None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Run the kernel on x [M, K or 2K] (rows contiguous); ``config`` (BLOCK_N, BLOCK_K) skips the tuning
-    (the interpreter, and the benchmark's sweep)."""
+    """Run the kernel on x [M, K or 2K] (rows contiguous); ``config`` (BLOCK_N, BLOCK_K, warps, stages)
+    skips the tuning (the interpreter, and the benchmark's sweep)."""
     import triton
 
     build()
@@ -151,8 +149,9 @@ def launch(
     if config is None and x.is_cuda:
         _kernels["tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
     else:
-        block_n, block_k = config or (8, 256)
-        _kernels["plain"][(triton.cdiv(N, block_n), M)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k)
+        block_n, block_k, warps, stages = config or (8, 256, 4, 1)
+        _kernels["plain"][(triton.cdiv(N, block_n), M)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                        num_warps=warps, num_stages=stages)  # fmt: skip
     return y
 
 
