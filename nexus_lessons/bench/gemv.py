@@ -16,6 +16,7 @@ import argparse
 import math
 
 import torch
+import torch._inductor.config
 
 from .common import copy_bandwidth_gbs, environment, save_json
 
@@ -44,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    import torch._inductor.config
-
     from ..kernels import gemv
 
     torch._inductor.config.coordinate_descent_tuning = True  # as in the decode benchmark
