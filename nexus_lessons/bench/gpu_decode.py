@@ -179,13 +179,13 @@ def main(argv=None) -> dict:
             ("ours: compile + CUDA graph + GEMV kernels", True, False, False, True, True, True, "sdpa"),
             ("ours: compile + CUDA graph + GEMV kernels + paged decode attention", True, False, False, True, True,
              True, "paged"),
-            ("ours: ... + silu_and_mul kernel + attention GEMV kernels", True, True, False, ["attention"], True, True,
-             "sdpa"),
-            ("ours: ... + silu_and_mul kernel + attention GEMV kernels + paged decode attention", True, True, False,
-             ["attention"], True, True, "paged"),
         ]
         if args.more_variants:
             variants += [
+                ("ours: ... + silu_and_mul kernel + attention GEMV kernels", True, True, False, ["attention"], True,
+                 True, "sdpa"),
+                ("ours: ... + silu_and_mul kernel + attention GEMV kernels + paged decode attention", True, True,
+                 False, ["attention"], True, True, "paged"),
                 ("ours: ... + silu_and_mul + rms_norm kernels", True, True, True, False, True, True, "sdpa"),
                 ("ours: ... + silu_and_mul kernel + reduction attention", True, True, False, False, True, True,
                  "reduce"),
