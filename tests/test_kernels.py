@@ -254,6 +254,31 @@ def test_decode_and_extend_take_broadcast_lengths():
     assert_close(got, ref.double(), torch.float32, "extend")
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_fused_merge(dtype):
+    """The last split to arrive merges: many splits (some empty), against the oracle and the two-kernel
+    merge; a second call on the same counter workspace proves the counters were reset to 0."""
+    bs, hkv, group, d = 16, 2, 4, 32
+    lens = [1, 47, 130, 96, 16]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=21)
+    q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    base = pa.default_decode_config(dtype, d, q.device)
+    fused = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=True)
+    two = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=False)
+    for splits in (3, 9, 17):  # 17 splits of 16-token tiles: most sequences leave some splits empty
+        a = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused)
+        counters = pa.merge_counters(q.device, len(lens) * hkv)
+        assert not counters.any(), "the last arriver must reset every counter it used"
+        b = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused)
+        c = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=two)
+        assert_close(a, want, dtype, f"fused splits={splits}")
+        assert torch.equal(a, b), "a second call on the same workspace differs"
+        torch.testing.assert_close(a, c, atol=TOL[dtype] / 4, rtol=0)
+    assert pa.DecodeConfig().fused_merge  # the default
+
+
 def test_choose_num_splits():
     # H200: 132 SMs, Hkv 8. Batch 1 x 32k must spread over the GPU; big batches need no split.
     if pa is not None:
@@ -483,6 +508,35 @@ def test_gpu_decode(dtype, splits):
     assert_close(out, want, dtype, f"gpu decode splits={splits}")
     ref = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="reference")
     assert_close(ref, want, dtype, "gpu reference")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_decode_merge_paths(fused):
+    """bf16 at 1 x 32k-like splits: the fused merge (atomic arrival counter) and the two-kernel merge, each
+    called repeatedly (the counters must come back to 0 every time) and once from a CUDA graph replay."""
+    lens = [4099, 1, 2048, 777]
+    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=13)
+    q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    cfg = pa.DecodeConfig(fused_merge=fused)
+    for splits in (2, 64, 128):
+        outs = [pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
+                for _ in range(3)]
+        for o in outs:
+            assert_close(o, want, torch.bfloat16, f"fused={fused} splits={splits}")
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.cuda.synchronize()
+    assert not pa.merge_counters(DEV, len(lens) * 8).any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=64, config=cfg)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, want, torch.bfloat16, f"graph replay fused={fused}")
 
 
 @gpu

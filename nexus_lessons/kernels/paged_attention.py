@@ -15,7 +15,9 @@ Design notes, the "why" of the code below:
   ``tl.dot`` shape): each KV byte is read once, not once per query head; (2) a tile spans several
   pages, gathered through the block table, so each iteration has enough bytes in flight; (3) the context
   is split across programs (flash-decoding) when ``B * Hkv`` alone cannot fill the GPU: each split writes
-  a partial output and its log-sum-exp, and a small second kernel merges them.
+  a partial output and its log-sum-exp, and the LAST split of each (sequence, KV head) to finish merges
+  them (an arrival counter, ``fused_merge``), so no second launch sits on the critical path of a 40 us
+  step. The two-kernel version (a small merge kernel after the split kernel) stays selectable.
 * Softmax is online and in float32, in base 2: the scale is multiplied by log2(e) once so the inner loop
   uses ``exp2``; the log-sum-exps passed between the two decode kernels are base 2 too.
 * Extend (many new tokens per sequence) is compute-bound: a FlashAttention-2 style kernel over pages,
@@ -124,12 +126,13 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     evict_first: bool = False  # hint L2 to drop K/V first (each byte is read once per step)
+    fused_merge: bool = True  # split-KV: the last split to arrive merges (False: a second merge kernel)
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse,
-    qk_scale, num_splits,
+    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
+    qk_scale, num_splits, num_kv_heads,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
@@ -140,13 +143,15 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
     The range is this split's share of the context, rounded up to whole BLOCK_N tiles. With one split
     (DIRECT_OUT) the normalised output is written directly; otherwise the partial output (already divided
-    by its own softmax sum) and its base-2 log-sum-exp go to the merge kernel. An empty split writes
-    lse = -inf, which the merge weighs as zero.
+    by its own softmax sum) and its base-2 log-sum-exp are written for a merge: by the merge kernel, or
+    (FUSED_MERGE) by whichever split of this (b, kv_head) finishes last. An empty split writes lse = -inf,
+    which the merge weighs as zero.
     """
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -218,6 +223,60 @@ def _decode_split_kernel(
         tl.store(p_ptrs, out, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+        if FUSED_MERGE:
+            # Every thread's partial stores happen-before the barrier; the release half of the atomic
+            # (gpu scope, cumulative) then publishes them all. The split that sees num_splits - 1 is the
+            # last: its acquire makes every other split's partials visible to it.
+            tl.debug_barrier()
+            counter = Counters + b * num_kv_heads + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.debug_barrier()  # the whole program reads after the (one-thread) acquire
+                for g in tl.static_range(GROUP):
+                    _merge_head(PartialOut, PartialLse, Out, b, kv_head * GROUP + g, num_splits,
+                                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                                stride_ob, stride_oh, stride_od, HEAD_DIM, BLOCK_S, BLOCK_D, CHUNK_S, True)  # fmt: skip
+                tl.store(counter, 0)  # reset for the next launch (stream order makes it visible there)
+
+
+@triton.jit
+def _merge_head(
+    PartialOut, PartialLse, Out, b, head, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BYPASS_L1: tl.constexpr,
+):  # fmt: skip
+    """out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse_total), for one (b, head).
+
+    The splits are loaded CHUNK_S at a time in an unrolled loop with no dependence between the loads (the
+    two-kernel merge: all at once), not one split per iteration: sequential loads would cost one memory
+    latency per split, which matters at 40 microseconds a step. The fused merge runs inside the split
+    kernel with its 4 warps, so it takes chunks small enough not to spill. BYPASS_L1 (fused): the
+    partials were written by other SMs during this launch, so read them from L2 (``.cg``), never from a
+    line this SM's L1 might hold.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_all = tl.arange(0, BLOCK_S)
+    lse_row = PartialLse + b * stride_lb + head * stride_lh
+    lse = tl.load(lse_row + offs_all, mask=offs_all < num_splits, other=float("-inf"),
+                  cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
+    m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
+    total = tl.sum(tl.exp2(lse - m), 0)
+    out = tl.zeros([BLOCK_D], tl.float32)
+    for c in tl.static_range(BLOCK_S // CHUNK_S):
+        offs_s = c * CHUNK_S + tl.arange(0, CHUNK_S)
+        s_mask = offs_s < num_splits
+        w = tl.exp2(tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"),
+                            cache_modifier=".cg" if BYPASS_L1 else "") - m) / total  # fmt: skip
+        parts = tl.load(
+            PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+            cache_modifier=".cg" if BYPASS_L1 else "",
+        )
+        out += tl.sum(parts * w[:, None], 0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
 @triton.jit
@@ -228,28 +287,37 @@ def _decode_merge_kernel(
     stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Program (b, head): out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse_total).
+    """Program (b, head): the two-kernel merge (``DecodeConfig.fused_merge=False``), see ``_merge_head``."""
+    _merge_head(PartialOut, PartialLse, Out, tl.program_id(0), tl.program_id(1), num_splits,
+                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
+                HEAD_DIM, BLOCK_S, BLOCK_D, BLOCK_S, False)  # fmt: skip
 
-    All splits are loaded at once (one [BLOCK_S, D] tile), not in a loop: a loop of dependent-free but
-    sequential loads would cost one memory latency per split, which matters at 30 microseconds a step.
+
+_COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
+
+def merge_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 arrival-counter workspace of >= n entries for the fused decode merge.
+
+    Persistent, not ``torch.zeros`` per call: under CUDA-graph capture a per-call zeros would be one more
+    captured memset node per step, while the kernel leaves every counter it used back at 0 (the last
+    arriver resets it), so one buffer stays valid for every later launch and graph replay. Buffers are
+    cached per (device, power-of-two size) and never freed or replaced: a captured graph keeps pointing
+    at the buffer it was captured with. If the first call for a size happens during capture, a buffer
+    allocated there would belong to the graph's private pool (and its memset would only run at replay),
+    so that call gets its own captured ``torch.zeros`` and nothing is cached. Two streams running decode
+    concurrently on one device would share counters: don't (one decode stream per device, as here).
     """
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
-    w = tl.exp2(lse - m)
-    w = w / tl.sum(w, 0)
-    parts = tl.load(
-        PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    out = tl.sum(parts * w[:, None], 0)
-    tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)  # fmt: skip
+    size = max(64, triton.next_power_of_2(n))
+    key = (device.type, device.index, size)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        buf = torch.zeros(size, dtype=torch.int32, device=device)
+        if capturing:
+            return buf
+        _COUNTERS[key] = buf
+    return buf
 
 
 def num_sms(device: torch.device) -> int:
@@ -327,6 +395,7 @@ def paged_decode_attention_triton(
     if batch == 0:
         return out
     direct = num_splits == 1
+    fused = cfg.fused_merge and not direct
     if direct:  # placeholders, never touched
         partial, lse = out, out
         p_strides, l_strides = (0, 0, 0), (0, 0)
@@ -334,20 +403,22 @@ def paged_decode_attention_triton(
         partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
         p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
+    counters = merge_counters(q.device, batch * num_kv_heads) if fused else context_lens  # else: never read
     block_d = triton.next_power_of_2(head_dim)
+    block_s = max(2, triton.next_power_of_2(num_splits))
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse,  # lens indexed as b
-        scale * LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
+        scale * LOG2E, num_splits, num_kv_heads,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        EVICT="evict_first" if cfg.evict_first else "",
+        EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s,
+        CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not direct:
-        block_s = max(2, triton.next_power_of_2(num_splits))
+    if not direct and not fused:
         _decode_merge_kernel[(batch, num_heads)](
             partial, lse, out, num_splits,
             *p_strides, *l_strides, *out.stride(),
