@@ -33,18 +33,38 @@ def _(q, k_pages, v_pages, block_tables, context_lens, max_context_len):
     return torch.empty_like(q)
 
 
+def argmax_two_stage(logits: torch.Tensor, chunks: int = 128) -> torch.Tensor:
+    """``logits.argmax(-1, keepdim=True)`` for [B, V] logits, as two reductions.
+
+    Compiled as one, a single row's argmax over a 32k vocabulary is one program reading 64 KB alone
+    (about 15 us on an H200). Split into `chunks` rows first, the reads spread over the GPU. Ties keep
+    the first index, as argmax does: the first maximum of the first chunk holding the maximum.
+    """
+    B, V = logits.shape
+    while chunks > 1 and V % chunks:
+        chunks //= 2
+    vals, idx = logits.view(B, chunks, V // chunks).max(-1)
+    best = vals.argmax(-1, keepdim=True)
+    return best * (V // chunks) + idx.gather(-1, best)
+
+
 class GraphKVCache(KVCache):
     """A `KVCache` whose T=1 steps use device-side positions, so they can be captured in a CUDA graph.
 
     Prefill (T > 1) runs eagerly through `KVCache`; `sync_to_device()` then hands the state to the
     device tensors, and every decode step must be followed by `advance()` (the decoder does both).
+    `attention="paged"` keeps decode K/V in pages read by lesson 02's kernel; `fused_rope=True` then
+    takes q/k/v before RoPE and rotates them in the kernel that writes the page slot (`kernels.rope`).
     """
 
-    def __init__(self, *args, attention: str = "sdpa", **kwargs) -> None:
+    def __init__(self, *args, attention: str = "sdpa", fused_rope: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if attention not in ("sdpa", "reduce", "paged"):
             raise ValueError(f"attention must be 'sdpa', 'reduce' or 'paged', got {attention!r}")
+        if fused_rope and attention != "paged":
+            raise ValueError("fused_rope writes the paged layout: it needs attention='paged'")
         self.attention = attention
+        self.fused_rope = fused_rope
         # One tensor per layer rather than views of one [L, ...] tensor: under torch.compile an in-place
         # write into a view is functionalised into a copy of the whole base tensor, every step.
         self.k = [t.clone() for t in self.k]
@@ -89,7 +109,23 @@ class GraphKVCache(KVCache):
             raise ValueError("after prefill, a GraphKVCache takes one token per row per step")
         self.key_valid.index_fill_(1, self.slot, True)
         self._mask = self.key_valid[:B, None, None, :]  # every written, real slot; later slots are still False
+        if self.attention == "paged":  # once per step, not per layer
+            self._flat = self.row_base[:B] + self.slot  # this step's slot in each row's run of pages
+            self._lens = (self.slot + 1).to(torch.int32).repeat(B)  # a real [B] tensor: the kernel indexes it
         return self.row_pos[:B, None].clone()
+
+    @property
+    def fuses_rope(self) -> bool:
+        """True in graph decode steps with fused_rope: the model hands over q/k/v before RoPE."""
+        return self.fused_rope and self._graph_step
+
+    def attend_unrotated(self, layer: int, q, k, v, cos, sin) -> torch.Tensor:
+        """One kernel rotates q and k and writes k/v into this step's page slot, then paged attention."""
+        from .kernels.rope import rope_and_cache
+
+        q_rot = rope_and_cache(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], self.k_pages[layer],
+                               self.v_pages[layer], self._flat)  # fmt: skip
+        return self._paged_attention(layer, q_rot)[:, :, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self._graph_step:
@@ -115,15 +151,15 @@ class GraphKVCache(KVCache):
         return out.to(q.dtype).reshape(q.shape)
 
     def _attend_paged(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        B, Hkv, D = q.shape[0], self.num_heads, self.head_dim
-        flat = self.row_base[:B] + self.slot  # this step's slot in each row's run of pages
-        self.k_pages[layer].index_copy_(0, flat, k[:, :, 0])
-        self.v_pages[layer].index_copy_(0, flat, v[:, :, 0])
-        lens = (self.slot + 1).to(torch.int32).repeat(B)  # a real [B] tensor: the kernel indexes it
-        pages = (-1, self.page, Hkv, D)
-        out = graph_paged_decode(q[:, :, 0], self.k_pages[layer].view(pages), self.v_pages[layer].view(pages),
-                                 self.block_tables[:B], lens, self.row_stride)
-        return out[:, :, None]
+        self.k_pages[layer].index_copy_(0, self._flat, k[:, :, 0])
+        self.v_pages[layer].index_copy_(0, self._flat, v[:, :, 0])
+        return self._paged_attention(layer, q[:, :, 0])[:, :, None]
+
+    def _paged_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, D] over each row's pages, this step's token included -> [B, Hq, D]."""
+        pages = (-1, self.page, self.num_heads, self.head_dim)
+        return graph_paged_decode(q, self.k_pages[layer].view(pages), self.v_pages[layer].view(pages),
+                                  self.block_tables[: q.shape[0]], self._lens, self.row_stride)
 
     def advance(self) -> None:
         self.slot += 1
@@ -143,11 +179,12 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, use_graph: bool | None = None,
-                 compile: bool | str = False, attention: str = "sdpa") -> None:
+                 compile: bool | str = False, attention: str = "sdpa", fused_rope: bool = False) -> None:
         self.model = model
         c = model.config
         self.cache = GraphKVCache(c.num_hidden_layers, max_batch_size, max_seq_len, c.num_key_value_heads,
-                                  c.head_dim, dtype=model.dtype, device=model.device, attention=attention)
+                                  c.head_dim, dtype=model.dtype, device=model.device, attention=attention,
+                                  fused_rope=fused_rope)  # fmt: skip
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -164,7 +201,7 @@ class CUDAGraphDecoder:
 
     def _step(self, B: int) -> None:
         logits = self.model(self.tokens[:B], cache=self.cache)[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
+        nxt = argmax_two_stage(logits)
         self.tokens[:B].copy_(nxt)
         self.out[:B].index_copy_(1, self.out_pos, nxt)
         self.out_pos += 1

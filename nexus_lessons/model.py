@@ -7,6 +7,9 @@ how to store K/V and how to attend over what it holds. Lessons add caches, not m
 Cache protocol (see `kv_cache.KVCache` for the contiguous one):
     positions = cache.begin_forward(input_ids, attention_mask)   # reserves room, returns RoPE positions [B, T]
     out = cache.attend(layer_idx, q, k, v)                      # q [B, Hq, T, D], k/v [B, Hkv, T, D]
+A cache whose `fuses_rope` is true at that moment gets the projections before RoPE instead and applies
+it itself, in the kernel that stores K/V (`cuda_graph.GraphKVCache(fused_rope=True)`):
+    out = cache.attend_unrotated(layer_idx, q, k, v, cos, sin)  # q/k/v [B, T, H*D], cos/sin [B, T, D]
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch.nn.functional as F
 
 from .attention import attention_mask, sdpa
 
-GEMV_SITES = ("attention", "mlp")  # qkv + o_proj, gate_up + down: see Transformer.fuse_projections
 from .config import ModelConfig, llama3_inv_freq
+
+GEMV_SITES = ("attention", "mlp", "lm_head")  # qkv + o_proj, gate_up + down, norm + lm_head: Transformer.fuse_projections
 
 
 class RMSNorm(nn.Module):
@@ -97,6 +101,9 @@ class Attention(nn.Module):
     def attend(self, q, k, v, cos, sin, cache=None, mask=None) -> torch.Tensor:
         """Projected q/k/v [B, T, H*D] -> heads, RoPE, attention -> [B, T, Hq*D], ready for o_proj."""
         B, T, _ = q.shape
+        if cache is not None and getattr(cache, "fuses_rope", False):  # the cache rotates as it stores
+            out = cache.attend_unrotated(self.layer_idx, q, k, v, cos, sin)
+            return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -173,6 +180,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gemv = None  # kernels.gemv.fused_linear for the final norm + lm_head, set by fuse_projections
 
     @property
     def device(self) -> torch.device:
@@ -191,8 +199,9 @@ class Transformer(nn.Module):
         `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
         inlining them into the matrix-vector products that follow, where they would be recomputed per row.
         `fused_gemv` runs each layer as four matrix-vector kernels with the norms, the activation and
-        the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise); a
-        subset of GEMV_SITES ("attention": qkv + o_proj, "mlp": gate_up + down) uses it there only.
+        the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise), and
+        the final norm + lm_head as one more; a subset of GEMV_SITES ("attention": qkv + o_proj,
+        "mlp": gate_up + down, "lm_head") uses it there only.
         """
         from .kernels import activation, gemv, norm
 
@@ -223,6 +232,7 @@ class Transformer(nn.Module):
             attn.qkv_sizes = [p.out_features for p in parts]
             object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
             layer.gemv, layer.gemv_sites = (gemv.fused_linear if sites else None), sites
+        self.gemv = gemv.fused_linear if "lm_head" in sites else None
         return self
 
     def unfuse_projections(self) -> "Transformer":
@@ -232,7 +242,7 @@ class Transformer(nn.Module):
             layer.mlp.act_fn = None
             layer.gemv, layer.gemv_sites = None, set()
             layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None
-        self.norm.kernel = None
+        self.norm.kernel, self.gemv = None, None
         return self
 
     def _apply(self, fn, recurse=True):
@@ -257,10 +267,17 @@ class Transformer(nn.Module):
         With a cache: `input_ids` are the new tokens only; the cache supplies everything before them.
         `attention_mask` [B, T] marks real tokens (1) and left padding (0), as in transformers.
         """
-        return self.lm_head(self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids))
+        x = self._residual_stream(input_ids, cache, attention_mask, position_ids)
+        if self.gemv is not None:  # the final norm folded into the lm_head GEMV
+            return self.gemv(x, self.lm_head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
+        return self.lm_head(self.norm(x))
 
     def hidden_states(self, input_ids, *, cache=None, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The final normalised hidden states [B, T, hidden] (what draft heads in later lessons read)."""
+        return self.norm(self._residual_stream(input_ids, cache, attention_mask, position_ids))
+
+    def _residual_stream(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
+        """The last layer's output [B, T, hidden], before the final norm."""
         self._check_input(input_ids, attention_mask)
         B, T = input_ids.shape
         mask = None
@@ -279,7 +296,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
-        return self.norm(x)
+        return x
 
     def _check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

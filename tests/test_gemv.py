@@ -119,4 +119,4 @@ def test_gemv_sites_subset_and_unknown_site():
     finally:
         model.unfuse_projections()
     with pytest.raises(ValueError, match="unknown GEMV sites"):
-        model.fuse_projections(fused_gemv=["attention", "lm_head"])
+        model.fuse_projections(fused_gemv=["attention", "embedding"])

@@ -94,13 +94,14 @@ def test_fused_projections_change_nothing(tiny_model):
     assert set(tiny_model.state_dict()) == {k for k in tiny_model.state_dict() if "qkv" not in k and "gate_up" not in k}
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reduce", "paged"])
+@pytest.mark.parametrize("attention", ["sdpa", "reduce", "paged", "paged+rope"])
 def test_graph_decoder_step_matches_generate(tiny_model, attention):
     """The CUDA-graph decode step, run eagerly on CPU: device-side positions give the same tokens."""
     ids, mask = nl.left_pad([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]])
     ref = nl.generate(tiny_model, ids, 12, attention_mask=mask)
-    dec = CUDAGraphDecoder(tiny_model, 4, 32, attention=attention)
-    if attention == "paged":  # no padding mask in the paged kernel: refused, not silently wrong
+    dec = CUDAGraphDecoder(tiny_model, 4, 32, attention=attention.removesuffix("+rope"),
+                           fused_rope=attention.endswith("+rope"))  # fmt: skip
+    if attention.startswith("paged"):  # no padding mask in the paged kernel: refused, not silently wrong
         with pytest.raises(ValueError, match="padding"):
             dec.generate(ids, 12, attention_mask=mask)
     else:

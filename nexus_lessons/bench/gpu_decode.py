@@ -143,9 +143,9 @@ def main(argv=None) -> dict:
     assert all(check.values()), f"our decoders disagree with transformers in float32: {check}"
     # The GEMV kernels (autotuned here, in float32), asserted after the others so a failure names itself.
     ours.unfuse_projections().fuse_projections(fused_gemv=True)
-    for attn in ("sdpa", "paged"):
-        got = CUDAGraphDecoder(ours, 1, max_len, attention=attn).generate(ids, n_check)
-        check[f"graph_{attn}_gemv_kernels_equals_transformers"] = bool((ref == got).all())
+    for attn in ("sdpa", "paged", "paged+rope"):
+        dec = CUDAGraphDecoder(ours, 1, max_len, attention=attn.removesuffix("+rope"), fused_rope=attn.endswith("+rope"))
+        check[f"graph_{attn}_gemv_kernels_equals_transformers"] = bool((ref == dec.generate(ids, n_check)).all())
     results["check_float32"] = check
     print("float32 check:", check, flush=True)
     assert all(check.values()), f"our GEMV kernels disagree with transformers in float32: {check}"
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     torch.cuda.empty_cache()
     rows["ours: generate, static cache, eager"] = {"tokens_per_s": _time_ours_eager(ours, ids, args.hf_new_tokens)}
     # (name, fuse projections, silu_and_mul kernel, rms_norm kernel, GEMV kernels, compile,
-    #  coordinate-descent GEMVs, attention)
+    #  coordinate-descent GEMVs, attention, RoPE + page write kernel)
     variants = [("ours: CUDA graph", False, False, False, False, False, False, "sdpa"),
                 ("ours: CUDA graph + fused projections", True, False, False, False, False, False, "sdpa")]
     if not args.no_compile:
@@ -179,9 +179,13 @@ def main(argv=None) -> dict:
             ("ours: compile + CUDA graph + GEMV kernels", True, False, False, True, True, True, "sdpa"),
             ("ours: compile + CUDA graph + GEMV kernels + paged decode attention", True, False, False, True, True,
              True, "paged"),
+            ("ours: compile + CUDA graph + GEMV kernels + paged decode attention + RoPE/page-write kernel", True,
+             False, False, True, True, True, "paged+rope"),
         ]
         if args.more_variants:
             variants += [
+                ("ours: compile + CUDA graph + layer GEMV kernels (inductor lm_head) + paged decode attention + "
+                 "RoPE/page-write kernel", True, False, False, ["attention", "mlp"], True, True, "paged+rope"),
                 ("ours: ... + silu_and_mul kernel + attention GEMV kernels", True, True, False, ["attention"], True,
                  True, "sdpa"),
                 ("ours: ... + silu_and_mul kernel + attention GEMV kernels + paged decode attention", True, True,
@@ -203,7 +207,8 @@ def main(argv=None) -> dict:
         torch._inductor.config.coordinate_descent_tuning = coord
         try:
             t0 = time.perf_counter()
-            dec = CUDAGraphDecoder(ours, 1, max_len, compile=comp, attention=attn)
+            dec = CUDAGraphDecoder(ours, 1, max_len, compile=comp, attention=attn.removesuffix("+rope"),
+                                   fused_rope=attn.endswith("+rope"))  # fmt: skip
             tok_s, e2e = _time_graph(dec, ids, args.new_tokens, args.reps)
             check = dec.generate(ids, 16)
             rows[name] = {"tokens_per_s": tok_s, "end_to_end_tokens_per_s": e2e,
