@@ -350,6 +350,105 @@ def test_prefill_tree_mask(impl, dtype):
     assert_close(out, want, dtype, f"{impl} tree")
 
 
+def new_rows(cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q_lens: list[int]) -> torch.Tensor:
+    """The new tokens' rows of the cache, packed like q: [total_q, Hkv, D] (what an engine just wrote)."""
+    rows = [K.gather_kv(cache, tables[b], n)[n - t :] for b, (n, t) in enumerate(zip(lens, q_lens))]
+    return torch.cat(rows).contiguous()
+
+
+def poison_new_slots(cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q_lens: list[int]) -> torch.Tensor:
+    """A copy of the cache with the new tokens' slots set to NaN: a kernel told to read them from k_new
+    must not touch them."""
+    cache = cache.clone()
+    bs = cache.shape[1]
+    for b, (n, t) in enumerate(zip(lens, q_lens)):
+        for pos in range(n - t, n):
+            cache[int(tables[b, pos // bs]), pos % bs] = float("nan")
+    return cache
+
+
+EXTEND_NEW_KV_MODES = ["reference", pytest.param("pointer", marks=needs_triton), pytest.param("tma", marks=needs_triton)]
+
+
+def _extend_new_kv(mode, q, kc, vc, tables, ctx, qsl, kn, vn, mask=None, block=(32, 16)):
+    if mode == "reference":
+        return K.paged_prefill_attention(q, kc, vc, tables, ctx, qsl, custom_mask=mask, k_new=kn, v_new=vn,
+                                         impl="reference")  # fmt: skip
+    if mode == "tma" and not pa.tma_available(q.device):
+        pytest.skip("this triton cannot run tensor descriptors here")
+    cfg = pa.ExtendConfig(block_m=block[0], block_n=block[1], num_warps=4, num_stages=1, new_kv=mode)
+    return pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn, config=cfg)
+
+
+@pytest.mark.parametrize("mode", EXTEND_NEW_KV_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_new_kv_matches_oracle(mode, dtype, group):
+    """k_new/v_new: cached prefixes of 0, a block multiple, odd lengths; new lengths 1, odd, several
+    tiles. The pages of the new tokens hold NaN, so reading them instead of k_new would show."""
+    rng = random.Random(group)
+    bs, d = 16, 32
+    hkv = 2 if group == 1 else 1
+    q_lens = [37, 70, 1, 1, 16, rng.randint(2, 50)]
+    prefix = [0, 16, 29, 0, 32, rng.randint(1, 60)]
+    lens = [t + c for t, c in zip(q_lens, prefix)]
+    kc, vc, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=group + 40)
+    q, qsl = make_queries(lens, q_lens, hkv * group, d, dtype, seed=group)
+    kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
+    want = oracle_prefill(q, kc, vc, tables, ctx, qsl)
+    paged = K.paged_prefill_attention(q, kc, vc, tables, ctx, qsl, impl="triton" if TRITON_OK else "reference")
+    kp, vp = poison_new_slots(kc, tables, lens, q_lens), poison_new_slots(vc, tables, lens, q_lens)
+    out = _extend_new_kv(mode, q, kp, vp, tables, ctx, qsl, kn, vn)
+    if mode == "tma":  # the descriptor path really ran (the layouts allow descriptors)
+        assert all(pa._descriptor(t, 16, d) is not None for t in (q, kn, vn))
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, want, dtype, f"{mode} new_kv")
+    torch.testing.assert_close(out.double(), paged.double(), atol=TOL[dtype], rtol=0)  # the call without k_new
+
+
+@pytest.mark.parametrize("mode", EXTEND_NEW_KV_MODES)
+def test_prefill_new_kv_tree_mask_and_tiles(mode):
+    """A custom (tree) mask with k_new, and tiles where BLOCK_M != BLOCK_N (64-query tiles, 16-key tiles)."""
+    bs, hkv, group, d = 6, 2, 2, 32
+    q_lens = [7, 40, 1, 65]
+    lens = [7 + 62, 40, 1 + 3, 65 + 16]
+    kc, vc, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=9)
+    q, qsl = make_queries(lens, q_lens, hkv * group, d, torch.float32, seed=9)
+    kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
+    kp, vp = poison_new_slots(kc, tables, lens, q_lens), poison_new_slots(vc, tables, lens, q_lens)
+    mask = tree_mask(q_lens, random.Random(4)).to(DEV)
+    want = oracle_prefill(q, kc, vc, tables, ctx, qsl, custom_mask=mask)
+    assert_close(_extend_new_kv(mode, q, kp, vp, tables, ctx, qsl, kn, vn, mask), want, torch.float32, "tree")
+    if mode != "reference":
+        causal = oracle_prefill(q, kc, vc, tables, ctx, qsl)
+        for block in ((64, 16), (16, 32)):
+            out = _extend_new_kv(mode, q, kp, vp, tables, ctx, qsl, kn, vn, block=block)
+            assert_close(out, causal, torch.float32, f"tiles {block}")
+
+
+@needs_triton
+def test_prefill_new_kv_paged_mode_and_strided_rows():
+    """new_kv="paged" ignores k_new (the old kernel); k_new as a strided view falls back to pointer loads."""
+    bs, hkv, group, d = 16, 2, 2, 32
+    q_lens, lens = [20, 33], [20 + 5, 33]
+    kc, vc, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=2)
+    q, qsl = make_queries(lens, q_lens, hkv * group, d, torch.float32, seed=2)
+    kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
+    want = oracle_prefill(q, kc, vc, tables, ctx, qsl)
+    cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="paged")
+    out = pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=kn * 0, v_new=vn * 0, config=cfg)
+    assert_close(out, want, torch.float32, "paged mode reads the pages")
+    wide = torch.randn(kn.shape[0], hkv, 2 * d, device=DEV)
+    wide[:, :, ::2] = kn
+    cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="tma")
+    out = pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=wide[:, :, ::2], v_new=vn, config=cfg)
+    assert_close(out, want, torch.float32, "strided k_new")
+    assert pa._descriptor(wide[:, :, ::2], 16, d) is None
+    with pytest.raises(ValueError, match="new_kv must be one of"):
+        pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=kn, v_new=vn,
+                                          config=pa.ExtendConfig(new_kv="fast"))  # fmt: skip
+
+
 @needs_triton
 def test_prefill_causal_mask_equals_causal_and_decode():
     """A lower-triangular custom mask is the causal rule; a one-token extend is a decode step."""
@@ -472,6 +571,23 @@ def test_bad_write_and_prefill_input():
     with pytest.raises(ValueError, match="max_query_len"):
         pre(qq, kc, vc, bt, ctx, qsl, max_query_len=2)
 
+    kn = torch.randn(6, 2, 16)
+    pre(qq, kc, vc, bt, ctx, qsl, k_new=kn, v_new=kn)  # fine
+    with pytest.raises(ValueError, match="k_new was given without v_new"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn)
+    with pytest.raises(ValueError, match="v_new was given without k_new"):
+        pre(qq, kc, vc, bt, ctx, qsl, v_new=kn)
+    with pytest.raises(ValueError, match=r"k_new must be \[total_q, Hkv, D\]"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn[:5], v_new=kn)
+    with pytest.raises(ValueError, match=r"v_new must be \[total_q, Hkv, D\] = \[6, 2, 16\]"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn, v_new=torch.randn(6, 1, 16))
+    with pytest.raises(ValueError, match=r"k_new must be \[total_q, Hkv, D\] \(packed like q\), got shape"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn.flatten(1), v_new=kn)
+    with pytest.raises(ValueError, match="v_new is torch.float16 but the KV cache is torch.float32"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn, v_new=kn.half())
+    with pytest.raises(ValueError, match="k_new is on meta"):
+        pre(qq, kc, vc, bt, ctx, qsl, k_new=kn.to("meta"), v_new=kn)
+
 
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter checks results, not compilation: compile the head-shape launches for sm_90 with
@@ -552,6 +668,35 @@ def test_gpu_prefill(dtype, tree):
     want = oracle_prefill(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
     out = K.paged_prefill_attention(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
     assert_close(out, want, dtype, f"gpu prefill tree={tree}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["tma", "pointer"])
+@pytest.mark.parametrize("tree", [False, True])
+def test_gpu_prefill_new_kv(mode, tree):
+    """bf16 extend with k_new/v_new: the descriptor (TMA) path and the pointer path, new-token pages
+    poisoned with NaN, against the oracle and against the paged-only kernel."""
+    if mode == "tma":
+        assert pa.tma_available(DEV) or torch.cuda.get_device_capability()[0] < 9, "Hopper but no descriptors"
+    q_lens = [300, 1, 129, 64, 2048]
+    lens = [300 + 700, 1 + 33, 129, 64 + 5, 2048]
+    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=14)
+    q, qsl = make_queries(lens, q_lens, 32, 128, torch.bfloat16, seed=14)
+    kn, vn = new_rows(k_cache, tables, lens, q_lens), new_rows(v_cache, tables, lens, q_lens)
+    mask = tree_mask(q_lens, random.Random(5)).to(DEV) if tree else None
+    want = oracle_prefill(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
+    paged = K.paged_prefill_attention(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
+    kp, vp = poison_new_slots(k_cache, tables, lens, q_lens), poison_new_slots(v_cache, tables, lens, q_lens)
+    base = pa.default_extend_config(torch.bfloat16, 128, DEV, tree, True)
+    for cfg in (base, pa.ExtendConfig(128, 128, 8, 2), pa.ExtendConfig(128, 64, 4, 2)):
+        cfg = pa.ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, new_kv=mode)
+        out = pa.paged_prefill_attention_triton(q, kp, vp, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn,
+                                                config=cfg)  # fmt: skip
+        assert_close(out, want, torch.bfloat16, f"gpu new_kv {cfg}")
+        torch.testing.assert_close(out.double(), paged.double(), atol=TOL[torch.bfloat16], rtol=0)
+    out = K.paged_prefill_attention(q, kp, vp, tables, ctx, qsl, custom_mask=mask, k_new=kn, v_new=vn)  # default
+    assert_close(out, want, torch.bfloat16, "gpu new_kv public default")
 
 
 @gpu

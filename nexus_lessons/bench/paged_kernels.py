@@ -13,6 +13,14 @@ that has been allocated and freed for a while; contiguous tables would flatter t
 * extend: 8 x 2048 new tokens, causal, no cache before them, vs SDPA ``is_causal`` on contiguous tensors
   (TFLOP/s, causal FLOPs counted exactly); 4 x (1024 cached + 512 new) vs SDPA with a lower-right
   causal mask.
+* decode merge: with split-KV, the fused merge (the last split to arrive merges) and the two-kernel merge
+  are timed side by side (``merge``). Diagnostic: the same decode over UNshuffled (identity-ordered)
+  block tables (``diagnostic_unshuffled``), to tell whether the shuffle costs bandwidth; the headline
+  stays shuffled.
+* extend paths: "ours" is what the library runs (PagedKVCache passes the step's k/v as ``k_new, v_new``,
+  with the default config); the variants time the paged-only kernel (``path=paged``), the contiguous
+  new-K/V kernel with pointer loads (``path=pointer``) and with TMA descriptors (``path=tma``), tile
+  choices for the new path, and ``warp_specialize`` last (a compiler crash there cannot hide the rest).
 * variants: tile sizes, warps, pipeline stages and split counts, timed on the same data, so one GPU run
   says what to tune. A variant that fails to compile is recorded and skipped.
 
@@ -102,6 +110,16 @@ def time_eager(fn: Callable[[], Any], rep_ms: int = 100) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def unshuffled(data: dict[str, torch.Tensor], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same K/V values in a pool whose block tables are identity-ordered: sequence b's blocks are
+    consecutive (b's block j at b * width + j). Diagnostic only: a long-lived pool is never like this."""
+    tables = data["block_tables"].long()
+    k = data["k_cache"][tables.flatten()]  # [B * width, BLOCK, Hkv, D], in table order
+    v = data["v_cache"][tables.flatten()]
+    ident = torch.arange(tables.numel(), device=DEV, dtype=torch.int32).view(tables.shape)
+    return k, v, ident
+
+
 def paged_cache(lens: list[int], seed: int) -> dict[str, torch.Tensor]:
     """Random K/V for sequences of these lengths in a pool with shuffled block tables, plus the same
     values laid out contiguously ([B, Hkv, S, D], for SDPA / Flex; only for equal lengths)."""
@@ -162,6 +180,8 @@ class Run:
         self.budget_s = budget_s
         self.variants = variants
         self.flex = flex
+        self.deferred: list[Callable[[], None]] = []  # variants run after every case (risky compiles)
+        self.reserve_s = 0.0  # decode variants leave this much of the budget to the extend cases
         self.results: dict[str, Any] = {
             "benchmark": "paged_kernels",
             "environment": environment(),
@@ -198,25 +218,34 @@ def bandwidth_row(ms: float, nbytes: int, copy_gbs: float | None) -> dict[str, f
 def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[str, Any, int | None]]:
     from ..kernels.paged_attention import MAX_SPLITS, DecodeConfig
 
-    configs = [
-        DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3),
-        DecodeConfig(64, 2, 3), DecodeConfig(128, 4, 2), DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 3, True),
-        DecodeConfig(64, 2, 3, True),
-    ]  # fmt: skip
+    # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md):
+    # a few configs stay, each with both merges where the case splits.
+    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(128, 4, 2), DecodeConfig(64, 4, 3, True)]
 
     def label(c: DecodeConfig) -> str:
-        return f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
+        return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
+                + ("" if c.fused_merge else " merge=two-kernel"))  # fmt: skip
 
-    out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
+    def two_kernel(c: DecodeConfig) -> DecodeConfig:
+        return DecodeConfig(c.block_n, c.num_warps, c.num_stages, c.evict_first, fused_merge=False)
+
+    out: list[tuple[str, Any, int | None]] = []
+    for c in configs:
+        out.append((label(c), c, None))
+        if splits_auto > 1:
+            out.append((label(two_kernel(c)), two_kernel(c), None))
     by_length = max(1, context // 128)
     wanted = {1, 2, 4, 8, 16, 32, 64, 128, splits_auto * 2, max(1, splits_auto // 2)}
     if batch * HKV < 132:  # the long-context case: programs per SM decide it; non-powers of two too
         wanted |= {24, 33, 40, 48, 56, 66, 80, 96}
+    base = DecodeConfig()
     for s in sorted(wanted):
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
             out.append((f"splits={s}", None, s))
+            if s > 1:
+                out.append((f"splits={s} merge=two-kernel", two_kernel(base), s))
             if batch * HKV < 132 and 24 <= s <= 96:
-                for c in (DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True)):
+                for c in (DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3)):
                     out.append((f"splits={s} {label(c)}", c, s))
     return out
 
@@ -259,8 +288,22 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     check(f"{name} ours vs reference", row["max_abs_err_vs_reference"], 2e-2)
 
     nbytes = row["bytes"]
+    row["ours_config"]["fused_merge"] = cfg.fused_merge if splits > 1 else None
     row["ours"] = bandwidth_row(time_graph(ours), nbytes, copy_gbs)
     row["ours"]["ms_eager"] = round(time_eager(ours), 5)
+    if splits > 1:  # the two merges side by side, back to back on the same data
+        row["merge"] = {}
+        for label, fused in (("fused", True), ("two_kernel", False)):
+            mcfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.evict_first, fused_merge=fused)
+
+            def merged(mcfg=mcfg):
+                return paged_decode_attention_triton(*args, config=mcfg)
+
+            err = max_err(merged(), ref_sdpa)
+            check(f"{name} merge={label}", err, 2e-2)
+            row["merge"][label] = dict(**bandwidth_row(time_graph(merged), nbytes, copy_gbs),
+                                       ms_eager=round(time_eager(merged), 5), max_abs_err=err)  # fmt: skip
+        print(f"  merge: fused {row['merge']['fused']}  two-kernel {row['merge']['two_kernel']}", flush=True)
     row["sdpa"] = bandwidth_row(time_graph(sdpa), nbytes, copy_gbs)
     row["sdpa"]["ms_eager"] = round(time_eager(sdpa), 5)
     row["speedup_vs_sdpa"] = round(row["sdpa"]["ms"] / row["ours"]["ms"], 3)
@@ -290,11 +333,35 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
             row["flex"] = run.error(f"{name} flex", exc)
     run.save()
 
+    # Diagnostic, not the headline: identity-ordered block tables (each sequence's pages consecutive).
+    if DEV.type == "cuda" or batch * context <= 4096:
+        try:
+            k_id, v_id, t_id = unshuffled(data, [context] * batch)
+            diag_args = (q, k_id, v_id, t_id, data["context_lens"])
+            diag = {"note": "diagnostic: the same values over UNshuffled (identity-ordered) block tables"}
+            for label, fused in (("fused", True), ("two_kernel", False)):
+                if label == "two_kernel" and splits == 1:
+                    continue
+                mcfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.evict_first, fused_merge=fused)
+
+                def ident(mcfg=mcfg):
+                    return paged_decode_attention_triton(*diag_args, config=mcfg)
+
+                err = max_err(ident(), ref_sdpa)
+                check(f"{name} unshuffled {label}", err, 2e-2)
+                diag[label] = dict(**bandwidth_row(time_graph(ident), nbytes, copy_gbs), max_abs_err=err)
+            row["diagnostic_unshuffled"] = diag
+            print(f"  diagnostic, unshuffled tables: {diag}", flush=True)
+            del k_id, v_id, diag_args
+        except Exception as exc:  # noqa: BLE001
+            row["diagnostic_unshuffled"] = run.error(f"{name} unshuffled", exc)
+        run.save()
+
     if not run.variants:
         return
     row["variants"] = []
     for label, vcfg, vsplits in decode_variants(batch, context, splits)[: run.max_variants]:
-        if run.left_s() < 30:
+        if run.left_s() < 30 + run.reserve_s:
             row["variants"].append(dict(variant=label, skipped="time budget"))
             continue
         try:
@@ -360,15 +427,38 @@ def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: f
     return out
 
 
-def extend_variants() -> list[tuple[str, Any]]:
-    from ..kernels.paged_attention import ExtendConfig
+def extend_variants(sweep: bool) -> list[tuple[str, Any, bool]]:
+    """(label, config, pass k_new). The three paths at their default tiles first, then (``sweep``) tiles
+    for the new path and the paged path's runner-up, then warp_specialize last: a compiler crash there
+    must not cost the other measurements (the JSON is saved after every variant)."""
+    from ..kernels.paged_attention import ExtendConfig, default_extend_config
 
-    configs = [
-        ExtendConfig(128, 64, 8, 2), ExtendConfig(128, 64, 8, 4), ExtendConfig(128, 128, 8, 2),
-        ExtendConfig(128, 128, 8, 3), ExtendConfig(128, 32, 8, 3), ExtendConfig(64, 64, 4, 3),
-        ExtendConfig(64, 64, 4, 4), ExtendConfig(64, 128, 4, 2), ExtendConfig(128, 64, 4, 3),
-    ]  # fmt: skip
-    return [(f"block_m={c.block_m} block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}", c) for c in configs]
+    new = default_extend_config(DTYPE, D, DEV, False, True)
+    paged = default_extend_config(DTYPE, D, DEV, False, False)
+
+    def tiles(c: ExtendConfig) -> str:
+        return f"block_m={c.block_m} block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}"
+
+    def at(c: ExtendConfig, mode: str, ws: bool = False) -> ExtendConfig:
+        return ExtendConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, new_kv=mode, warp_specialize=ws)
+
+    out = [(f"path=paged {tiles(paged)}", paged, False),
+           (f"path=pointer {tiles(new)}", at(new, "pointer"), True),
+           (f"path=tma {tiles(new)}", at(new, "tma"), True)]  # fmt: skip
+    if not sweep:
+        return out
+    for n in (64, 128):
+        for w in (4, 8):
+            for st in (2, 3, 4):
+                c = ExtendConfig(128, n, w, st)
+                if (n, w, st) != (new.block_n, new.num_warps, new.num_stages):
+                    out.append((f"path=tma {tiles(c)}", at(c, "tma"), True))
+    for c in (ExtendConfig(128, 128, 8, 2), ExtendConfig(128, 64, 8, 2)):
+        out.append((f"path=pointer {tiles(c)}", at(c, "pointer"), True))
+    out.append((f"path=paged {tiles(ExtendConfig(128, 64, 8, 2))}", ExtendConfig(128, 64, 8, 2), False))
+    for c in (ExtendConfig(128, 64, 8, 3), ExtendConfig(128, 128, 8, 2), ExtendConfig(128, 64, 4, 3)):
+        out.append((f"path=tma {tiles(c)} warp_specialize", at(c, "tma", True), True))
+    return out
 
 
 def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> None:
@@ -384,10 +474,16 @@ def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> N
     q = torch.randn(batch * new, HQ, D, device=DEV, dtype=DTYPE)
     qsl = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=DEV)
     args = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"], qsl)
-    cfg = default_extend_config(DTYPE, D, q.device)
-    row["ours_config"] = dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # the step's new K/V as packed rows (what PagedKVCache.attend passes): the last `new` of each sequence
+    k_new = data["k"][:, :, cached:].transpose(1, 2).reshape(batch * new, HKV, D).contiguous()
+    v_new = data["v"][:, :, cached:].transpose(1, 2).reshape(batch * new, HKV, D).contiguous()
+    cfg = default_extend_config(DTYPE, D, q.device, False, True)
+    row["ours_config"] = dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              path=f"k_new given, new_kv={cfg.new_kv}", note="what PagedKVCache runs by default")  # fmt: skip
 
-    def ours(config=None):
+    def ours(config=None, with_new: bool = True):
+        if with_new:
+            return paged_prefill_attention_triton(*args, k_new=k_new, v_new=v_new, max_query_len=new, config=config)
         return paged_prefill_attention_triton(*args, max_query_len=new, config=config)
 
     q4 = q.view(batch, new, HQ, D).transpose(1, 2).contiguous()  # [B, Hq, new, D]: the same values
@@ -434,17 +530,27 @@ def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> N
     row["sdpa_by_backend"] = sdpa_backends(sdpa, ref_sdpa, flops, batch, new)
     run.save()
 
-    if not (variants and run.variants):
+    if not run.variants:
         return
     row["variants"] = []
-    for label, vcfg in extend_variants()[: run.max_variants]:
+    chosen = extend_variants(variants)[: run.max_variants]
+    now = [v for v in chosen if "warp_specialize" not in v[0]]
+    later = [v for v in chosen if "warp_specialize" in v[0]]
+    time_extend_variants(run, row, name, now, ours, ref_sdpa, flops, t_sdpa)
+    if later:  # after every other case: a compiler abort here must not cost the rest of the run
+        run.deferred.append(lambda: time_extend_variants(run, row, name, later, ours, ref_sdpa, flops, t_sdpa))
+
+
+def time_extend_variants(run: Run, row: dict, name: str, chosen: list, ours: Callable, ref_sdpa: torch.Tensor,
+                         flops: float, t_sdpa: float) -> None:  # fmt: skip
+    for label, vcfg, with_new in chosen:
         if run.left_s() < 30:
             row["variants"].append(dict(variant=label, skipped="time budget"))
             continue
         try:
-            err = max_err(ours(vcfg), ref_sdpa)
+            err = max_err(ours(vcfg, with_new), ref_sdpa)
             check(f"{name} {label}", err, 3e-2)
-            t = time_graph(lambda vcfg=vcfg: ours(vcfg), rep_ms=50)
+            t = time_graph(lambda vcfg=vcfg, with_new=with_new: ours(vcfg, with_new), rep_ms=50)
             entry = dict(variant=label, ms=round(t, 4), tflops=round(flops / t / 1e9, 1),
                          pct_of_sdpa=round(100 * t_sdpa / t, 1), max_abs_err=err)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile must not stop the run
@@ -506,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
         DEV = torch.device("cpu")
     name = "paged_kernels_smoke.json" if smoke else "paged_kernels.json"
-    run = Run(Path(args.out) / name, args.budget_s, not args.no_variants, not args.no_flex, 2 if smoke else None)
+    run = Run(Path(args.out) / name, args.budget_s, not args.no_variants, not args.no_flex, 3 if smoke else None)
+    run.reserve_s = 0.0 if smoke else 0.4 * args.budget_s  # the extend paths are this run's main question
     failed = False
     run.results["copy_gbs"] = round(copy_bandwidth_gbs(), 1) if DEV.type == "cuda" else None
     print(f"device-to-device copy: {run.results['copy_gbs']} GB/s (read + write)", flush=True)
@@ -523,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001
             run.error(f"extend {batch}x{cached}+{new}", exc)
             failed = True
+        run.save()
+    for deferred in run.deferred:
+        deferred()
         run.save()
     print("\n" + summary(run.results))
     print(f"\nwrote {run.path}")

@@ -206,6 +206,25 @@ def _check_attention_args(
         )
 
 
+def _check_new_kv(q: torch.Tensor, k_cache: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> None:
+    """k_new / v_new: both or neither, [total_q, Hkv, D], the cache's dtype, on its device."""
+    if k_new is None and v_new is None:
+        return
+    if k_new is None or v_new is None:
+        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
+        raise ValueError(f"{given} was given without {missing}: pass the new tokens' keys and values together")
+    layout = "[total_q, Hkv, D] (packed like q)"
+    _check_dim("k_new", k_new, 3, layout)
+    _check_dim("v_new", v_new, 3, layout)
+    want = (q.shape[0], *k_cache.shape[2:])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must be [total_q, Hkv, D] = {list(want)}, got {list(t.shape)}")
+        if t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} is {t.dtype} but the KV cache is {k_cache.dtype}: they must match")
+    _check_device(k_cache.device, k_new=k_new, v_new=v_new)
+
+
 def _check_triton_head_dim(q: torch.Tensor) -> None:
     # A Triton limit, not attention's: the reference takes any head_dim.
     if q.shape[-1] < 16:
@@ -326,6 +345,8 @@ def paged_prefill_attention(
     scale: float | None = None,
     custom_mask: torch.Tensor | None = None,
     *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
     impl: Impl | None = None,
     max_query_len: int | None = None,
     validate: bool = True,
@@ -340,6 +361,11 @@ def paged_prefill_attention(
     q_len) replaces the causal rule among the new tokens: row r sees new token j of its own sequence when
     ``custom_mask[r, j]`` (e.g. a draft tree; each token must see itself). ``max_query_len`` avoids a
     GPU sync when sizing the launch.
+
+    ``k_new, v_new [total_q, Hkv, D]`` (optional, together, packed like q): the new tokens' keys and
+    values as contiguous rows, usually the tensors just written into their slots. Then only the cached
+    prefix is gathered from the pages and the new part is read from these rows (on Hopper through TMA
+    tensor descriptors). Without them every key comes from the cache.
     """
     _check_attention_args(q, "[total_q, Hq, D]", k_cache, v_cache, block_tables, context_lens, None)
     _check_dim("query_start_loc", query_start_loc, 1, "[B + 1]")
@@ -355,6 +381,7 @@ def paged_prefill_attention(
         if custom_mask.shape[0] != q.shape[0]:
             raise ValueError(f"custom_mask has {custom_mask.shape[0]} rows for {q.shape[0]} query tokens")
         _check_device(k_cache.device, custom_mask=custom_mask)
+    _check_new_kv(q, k_cache, k_new, v_new)
     if _want_values(validate):
         _check_values(k_cache, block_tables, context_lens)
         starts = query_start_loc.long()
@@ -384,8 +411,9 @@ def paged_prefill_attention(
         with _interpreter_env(q.device):
             return triton_kernels().paged_prefill_attention_triton(
                 q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
-                max_query_len=max_query_len,
+                k_new=k_new, v_new=v_new, max_query_len=max_query_len,
             )  # fmt: skip
     return reference.paged_prefill_attention_ref(
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
+        k_new=k_new, v_new=v_new,
     )

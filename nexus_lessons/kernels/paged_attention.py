@@ -23,6 +23,11 @@ Design notes, the "why" of the code below:
 * Extend (many new tokens per sequence) is compute-bound: a FlashAttention-2 style kernel over pages,
   split in two loops: the keys every query in the tile sees (no mask work at all), then the few tiles on
   the causal diagonal (or the custom mask) with masking.
+* Extend with ``k_new, v_new`` (SGLang's design): the step's new tokens' K/V are also at hand as packed
+  contiguous rows (the tensors that were just written into their slots), so only the cached prefix is
+  gathered through the block table and the new part is read from those rows. Contiguous rows are what
+  Hopper's TMA loads (tensor descriptors) need; a gathered load never gets them. ``ExtendConfig.new_kv``
+  picks "tma" (descriptors), "pointer" (ordinary loads of the same rows) or "paged" (ignore k_new).
 * Under the interpreter (``TRITON_INTERPRET=1``) ``tl.dot`` on bfloat16 is silently wrong (numpy has no
   bfloat16), so the launchers ask the kernels to upcast dot operands there (``UPCAST``).
 """
@@ -441,6 +446,14 @@ class ExtendConfig:
     block_n: int = 64  # keys per iteration (several pages)
     num_warps: int = 8
     num_stages: int = 3
+    # With k_new/v_new: "tma" (tensor descriptors for Q and the new K/V; falls back to "pointer" where they
+    # cannot apply), "pointer" (the same contiguous rows, ordinary loads), "paged" (ignore k_new: all
+    # keys gathered from the pages, the kernel without k_new)
+    new_kv: str = "tma"
+    warp_specialize: bool = False  # tl.range(warp_specialize=True) on the new tokens' unmasked loop
+
+
+NEW_KV_MODES = ("tma", "pointer", "paged")
 
 
 @triton.jit
@@ -588,21 +601,236 @@ def _extend_kernel(
     )
 
 
+@triton.jit
+def _extend_new_tile(
+    acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+    stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``_extend_tile`` for keys j0..j0+BLOCK_N-1 among the new tokens, read from contiguous rows.
+
+    With USE_TMA, KNew/VNew are tensor descriptors over [total_tokens, Hkv * D]: one [BLOCK_N, D] box at
+    row q_row0 + j0, column kv_head * D. A box may run into the next sequence's rows (or past the end,
+    zero-filled): only MASKED tiles do, and there those keys are masked out and their V rows zeroed.
+    """
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    j_mask = offs_j < q_len
+    rows = (q_row0 + offs_j).to(tl.int64)
+    if MASKED:
+        kv_mask = j_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    if USE_TMA:
+        k = KNew.load([q_row0 + j0, kv_head * HEAD_DIM])
+    else:
+        k = tl.load(KNew + rows[:, None] * stride_knt + kv_head * stride_knh + offs_d[None, :] * stride_knd,
+                    mask=kv_mask, other=0.0)  # fmt: skip
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        if HAS_MASK:
+            allowed = tl.load(
+                Mask + (q_row0 + offs_m)[:, None] * stride_mq + offs_j[None, :] * stride_mk,
+                mask=j_mask[None, :] & (offs_m[:, None] < q_len),
+                other=0,
+            )
+            visible = (allowed != 0) & j_mask[None, :]
+        else:
+            visible = (offs_j[None, :] <= offs_m[:, None]) & j_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: avoid inf - inf
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:
+        v = VNew.load([q_row0 + j0, kv_head * HEAD_DIM])
+        if MASKED:
+            v = tl.where(j_mask[:, None], v, 0.0)  # another sequence's rows: p is 0 there, keep 0 * v finite
+    else:
+        v = tl.load(VNew + rows[:, None] * stride_vnt + kv_head * stride_vnh + offs_d[None, :] * stride_vnd,
+                    mask=kv_mask, other=0.0)  # fmt: skip
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _extend_new_kv_kernel(
+    Q, QDesc, KCache, VCache, KNew, VNew, BlockTables, ContextLens, QueryStartLoc, Out, Mask,
+    qk_scale, num_m_blocks,
+    stride_qt, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_knt, stride_knh, stride_knd,
+    stride_vnt, stride_vnh, stride_vnd,
+    stride_btb, stride_btn,
+    stride_ot, stride_oh, stride_od,
+    stride_mq, stride_mk,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``_extend_kernel`` with the new tokens' K/V read from contiguous rows (KNew/VNew).
+
+    Keys come in two parts, each split like the paged kernel: the cached prefix [0, prefix) from the pages
+    (whole tiles unmasked, then the one partial tile masked to the prefix), then the new tokens [0, q_len)
+    from their rows (the tiles before this query tile unmasked, the diagonal ones masked). Under a custom
+    mask every new-token tile is masked. With USE_TMA, Q is a descriptor too (QDesc); output stores stay
+    masked pointer stores, so a tile never writes into the next sequence's rows.
+    """
+    head = tl.program_id(0)
+    b = tl.program_id(1)
+    m_block = num_m_blocks - 1 - tl.program_id(2)
+    q_row0 = tl.load(QueryStartLoc + b)
+    q_len = tl.load(QueryStartLoc + b + 1) - q_row0
+    m_start = m_block * BLOCK_M
+    if m_start >= q_len:
+        return
+    context_len = tl.load(ContextLens + b)
+    prefix = context_len - q_len
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    rows = (q_row0 + offs_m).to(tl.int64)
+    if USE_TMA:
+        q = QDesc.load([q_row0 + m_start, head * HEAD_DIM])  # rows past q_len: computed, never stored
+    else:
+        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # 1. the cached prefix, gathered through the block table (visible to every query of the tile)
+    table = BlockTables + b.to(tl.int64) * stride_btb
+    k_base = KCache + kv_head * stride_kch
+    v_base = VCache + kv_head * stride_vch
+    full_end = (prefix // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _extend_tile(
+            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+            prefix, prefix, q_row0, Mask,
+            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+            stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for n0 in range(full_end, prefix, BLOCK_N):  # at most one tile: keys n < prefix, all visible
+        acc, l_i, m_i = _extend_tile(
+            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+            prefix, prefix, q_row0, Mask,
+            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+            stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True, False, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    # 2. the new tokens, contiguous rows
+    if HAS_MASK:
+        new_full = 0
+        new_end = q_len
+    else:
+        new_full = (m_start // BLOCK_N) * BLOCK_N
+        new_end = tl.minimum(q_len, m_start + BLOCK_M)
+    for j0 in tl.range(0, new_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i = _extend_new_tile(
+            acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for j0 in range(new_full, new_end, BLOCK_N):
+        acc, l_i, m_i = _extend_new_tile(
+            acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_descriptor_class() -> type | None:
+    """Triton's host-side TensorDescriptor (triton >= 3.4), or None."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether tensor-descriptor loads can run here: Hopper or newer, or the interpreter (which emulates
+    them, triton >= 3.4), and a triton that has host-side descriptors."""
+    if _tensor_descriptor_class() is None:
+        return False
+    if device.type == "cuda":
+        if not torch.cuda.is_available():  # compile_check picks GPU configs on a machine without one
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 9
+    return interpreting()
+
+
 def default_extend_config(
-    dtype: torch.dtype, head_dim: int, device: torch.device, has_mask: bool = False
+    dtype: torch.dtype, head_dim: int, device: torch.device, has_mask: bool = False, new_kv: bool = False
 ) -> ExtendConfig:
     """Fixed tiles: FlashAttention-2's usual choice on Hopper for 16-bit D <= 128; smaller tiles where
-    registers would spill (float32's exact dot, the custom-mask path, D > 128; checked with ptxas, sm_90)."""
+    registers would spill (float32's exact dot, the custom-mask path, D > 128; checked with ptxas, sm_90).
+
+    With k_new/v_new the new tokens are read through tensor descriptors (TMA) on Hopper, else with
+    ordinary loads; the CPU interpreter takes the pointer version (the tests run the descriptor one
+    explicitly, where the installed triton can interpret it).
+    """
     if device.type != "cuda":
-        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return ExtendConfig(block_m=32, block_n=16, num_warps=8, num_stages=2)
+        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1, new_kv="pointer")
+    mode = "tma" if tma_available(device) else "pointer"
+    if dtype == torch.float32:  # descriptors for fp32 spill badly here (ptxas, sm_90): pointer loads
+        return ExtendConfig(block_m=32, block_n=16, num_warps=8, num_stages=2, new_kv="pointer")
     if has_mask:
-        return ExtendConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+        return ExtendConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, new_kv=mode)
     if head_dim > 128:
-        return ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        return ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, new_kv=mode)
+    if new_kv:  # k_new given: 128 x 64 tiles, 8 warps, 3 stages compile for sm_90 without spills (TMA:
+        # 180 registers, 132 KB shared); 128 x 128 x 3 stages spills there. Not yet timed: see the benchmark.
+        return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, new_kv=mode)
     # 128 x 128 tiles: the best of the benchmark's sweep on the H200 (8 x 2048 causal, bf16, D 128)
-    return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, new_kv=mode)
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, head_dim: int):
+    """A TMA descriptor over ``t [tokens, H, D]`` seen as [tokens, H * D], box [block_rows, D]; None when
+    the layout does not allow one (rows not H * D contiguous values, or 16-byte alignment)."""
+    cls = _tensor_descriptor_class()
+    elem = t.element_size()
+    ok = (
+        cls is not None
+        and t.shape[0] > 0
+        and t.stride(2) == 1
+        and t.stride(1) == head_dim
+        and head_dim == triton.next_power_of_2(head_dim)
+        and head_dim * elem >= 16
+        and (t.stride(0) * elem) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+    if not ok:
+        return None
+    return cls(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1], [block_rows, head_dim])
 
 
 def paged_prefill_attention_triton(
@@ -615,18 +843,21 @@ def paged_prefill_attention_triton(
     scale: float | None = None,
     custom_mask: torch.Tensor | None = None,
     *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
     max_query_len: int | None = None,
     config: ExtendConfig | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``paged_prefill_attention_ref``.
 
     ``max_query_len`` sizes the grid; without it it is read from ``query_start_loc`` (one GPU sync).
+    ``k_new, v_new [total_q, Hkv, D]``: the new tokens' K/V as packed rows (see ``config.new_kv``).
     """
     total_q, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    cfg = config or default_extend_config(q.dtype, head_dim, q.device, custom_mask is not None)
+    cfg = config or default_extend_config(q.dtype, head_dim, q.device, custom_mask is not None, k_new is not None)
     out = torch.empty_like(q)
     if total_q == 0 or batch == 0:
         return out
@@ -640,6 +871,11 @@ def paged_prefill_attention_triton(
     else:
         mask = custom_mask.to(torch.int8)
         mask_strides = mask.stride()
+    if cfg.new_kv not in NEW_KV_MODES:
+        raise ValueError(f"ExtendConfig.new_kv must be one of {NEW_KV_MODES}, got {cfg.new_kv!r}")
+    if k_new is not None and cfg.new_kv != "paged":
+        return _launch_new_kv(q, k_cache, v_cache, k_new, v_new, block_tables, context_lens, query_start_loc,
+                              out, mask, mask_strides, scale, num_m_blocks, custom_mask is not None, cfg)  # fmt: skip
     _extend_kernel[(num_heads, batch, num_m_blocks)](
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), query_start_loc.contiguous(), out, mask,
         scale * LOG2E, num_m_blocks,
@@ -647,6 +883,49 @@ def paged_prefill_attention_triton(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
         HAS_MASK=custom_mask is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _launch_new_kv(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor,
+    mask: torch.Tensor,
+    mask_strides: tuple[int, ...],
+    scale: float,
+    num_m_blocks: int,
+    has_mask: bool,
+    cfg: ExtendConfig,
+) -> torch.Tensor:
+    """``_extend_new_kv_kernel``: descriptors for Q/K/V where ``cfg.new_kv == "tma"`` and all three allow
+    one, else pointer loads of the same rows."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    descs = None
+    if cfg.new_kv == "tma" and tma_available(q.device):
+        descs = (_descriptor(q, cfg.block_m, head_dim), _descriptor(k_new, cfg.block_n, head_dim),
+                 _descriptor(v_new, cfg.block_n, head_dim))  # fmt: skip
+        if any(d is None for d in descs):
+            descs = None
+    q_desc, k_arg, v_arg = (None, k_new, v_new) if descs is None else descs
+    _extend_new_kv_kernel[(num_heads, context_lens.shape[0], num_m_blocks)](
+        q, q_desc, k_cache, v_cache, k_arg, v_arg, block_tables, context_lens.contiguous(),
+        query_start_loc.contiguous(), out, mask,
+        scale * LOG2E, num_m_blocks,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
+        *block_tables.stride(), *out.stride(), *mask_strides,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
+        HAS_MASK=has_mask, USE_TMA=descs is not None, WARP_SPECIALIZE=cfg.warp_specialize,
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

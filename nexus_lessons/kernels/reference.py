@@ -103,6 +103,9 @@ def paged_prefill_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float | None = None,
     custom_mask: torch.Tensor | None = None,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Many new tokens per sequence ("extend"), packed varlen. q [total_q, Hq, D] -> [total_q, Hq, D].
 
@@ -110,6 +113,8 @@ def paged_prefill_attention_ref(
     ``q_len_b`` of its ``context_lens[b]`` tokens (their K/V are already in the cache). Causal among
     themselves, or ``custom_mask [total_q, >= max q_len]`` bool: row r (a query) may see new token j of
     its own sequence when ``custom_mask[r, j]``; cached tokens are always visible.
+    ``k_new, v_new [total_q, Hkv, D]`` (packed like q): the new tokens' K/V, read from there instead of
+    from the cache (only the cached prefix is gathered from the pages).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
@@ -118,8 +123,13 @@ def paged_prefill_attention_ref(
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = gather_kv(k_cache, block_tables[b], length)
-        v = gather_kv(v_cache, block_tables[b], length)
+        if k_new is None:
+            k = gather_kv(k_cache, block_tables[b], length)
+            v = gather_kv(v_cache, block_tables[b], length)
+        else:  # the cached prefix from the pages, then the new tokens' own rows
+            prefix = length - (hi - lo)
+            k = torch.cat([gather_kv(k_cache, block_tables[b], prefix), k_new[lo:hi]])
+            v = torch.cat([gather_kv(v_cache, block_tables[b], prefix), v_new[lo:hi]])
         rows = None if custom_mask is None else custom_mask[lo:hi]
         visible = prefill_visibility(hi - lo, length, rows, device=q.device)
         out[lo:hi] = _attend(q[lo:hi], k, v, scale, visible).to(q.dtype)

@@ -21,7 +21,8 @@ Two ways to drive it:
 
 Kernels. Writes go through `write_kv_cache`, decode steps (one new token per row) through
 `paged_decode_attention`, prefill / extend / mixed steps through `paged_prefill_attention` (packed
-variable-length queries, causal within each sequence's new tokens). All three come from
+variable-length queries, causal within each sequence's new tokens; the new tokens' K/V also passed as
+packed rows, so only the cached prefix is gathered from the pages). All three come from
 `nexus_lessons.kernels`, which picks compiled Triton, the Triton interpreter or plain PyTorch.
 
 Running out of blocks raises `OutOfBlocksError` in `begin_forward`, before any layer runs and before
@@ -313,7 +314,8 @@ class PagedKVCache:
             k_new, v_new = k.transpose(1, 2)[plan.valid], v.transpose(1, 2)[plan.valid]
         # The metadata is built here from the block tables, so the kernels need not re-check it (a GPU sync).
         check = self.validate_kernel_args
-        write_kv_cache(k_new.contiguous(), v_new.contiguous(), k_pool, v_pool, plan.slot_mapping, validate=check)
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        write_kv_cache(k_new, v_new, k_pool, v_pool, plan.slot_mapping, validate=check)
         if plan.decode:
             out = paged_decode_attention(
                 q[:, :, 0].contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens,
@@ -324,9 +326,11 @@ class PagedKVCache:
             q_packed = q.transpose(1, 2).reshape(B * T, Hq, D)
         else:
             q_packed = q.transpose(1, 2)[plan.valid]
+        # The new tokens' K/V, just written to their slots, are passed as packed rows too: the kernel gathers
+        # only the cached prefix from the pages and reads these contiguously (TMA on Hopper).
         out_packed = paged_prefill_attention(
             q_packed.contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens, plan.query_start_loc,
-            max_query_len=plan.max_query_len, validate=check,
+            k_new=k_new, v_new=v_new, max_query_len=plan.max_query_len, validate=check,
         )
         if plan.valid is None:
             return out_packed.view(B, T, Hq, D).transpose(1, 2)
