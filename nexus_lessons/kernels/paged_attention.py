@@ -743,12 +743,20 @@ def _extend_new_kv_kernel(
     else:
         new_full = (m_start // BLOCK_N) * BLOCK_N
         new_end = tl.minimum(q_len, m_start + BLOCK_M)
-    for j0 in tl.range(0, new_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        acc, l_i, m_i = _extend_new_tile(
-            acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
-            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
+    if WARP_SPECIALIZE:  # a separate branch: a triton without the keyword never compiles it otherwise
+        for j0 in tl.range(0, new_full, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _extend_new_tile(
+                acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        for j0 in range(0, new_full, BLOCK_N):
+            acc, l_i, m_i = _extend_new_tile(
+                acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+            )  # fmt: skip
     for j0 in range(new_full, new_end, BLOCK_N):
         acc, l_i, m_i = _extend_new_tile(
             acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
