@@ -21,7 +21,7 @@ tests=0
 bench=0
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
     # addopts="" because the GPU image has no nbval (pyproject's addopts name its options)
-    timeout 190 python -m pytest tests/test_kernels.py tests/test_gemv.py -m gpu -q -o addopts="" -p no:cacheprovider 2>&1 \
+    timeout 190 python -m pytest tests/test_kernels.py tests/test_gemv.py tests/test_rope.py -m gpu -q -o addopts="" -p no:cacheprovider 2>&1 \
         | tee "$OUT/test_kernels_gpu.txt"
     tests=${PIPESTATUS[0]}
 fi
