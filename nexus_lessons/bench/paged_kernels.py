@@ -216,41 +216,37 @@ def bandwidth_row(ms: float, nbytes: int, copy_gbs: float | None) -> dict[str, f
 
 
 def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[str, Any, int | None]]:
+    from dataclasses import replace
+
     from ..kernels.paged_attention import MAX_SPLITS, DecodeConfig
 
-    # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md):
-    # a few configs stay, each with both merges where the case splits.
-    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(128, 4, 2), DecodeConfig(64, 4, 3, True)]
+    # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md),
+    # and session 3's split sweep at 1 x 32k put the heuristic's 64 on top: a few of each stay, with the
+    # merge kernel launched as a programmatic dependent launch (pdl) where the case splits.
+    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True)]
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
-                + ("" if c.fused_merge else " merge=two-kernel"))  # fmt: skip
-
-    def two_kernel(c: DecodeConfig) -> DecodeConfig:
-        return DecodeConfig(c.block_n, c.num_warps, c.num_stages, c.evict_first, fused_merge=False)
+                + (" merge=fused" if c.fused_merge else "") + (" pdl" if c.pdl else ""))  # fmt: skip
 
     out: list[tuple[str, Any, int | None]] = []
     for c in configs:
         out.append((label(c), c, None))
         if splits_auto > 1:
-            out.append((label(two_kernel(c)), two_kernel(c), None))
+            out.append((label(replace(c, pdl=True)), replace(c, pdl=True), None))
     by_length = max(1, context // 128)
-    wanted = {1, 2, 4, 8, 16, 32, 64, 128, splits_auto * 2, max(1, splits_auto // 2)}
-    if batch * HKV < 132:  # the long-context case: programs per SM decide it; non-powers of two too
-        wanted |= {24, 33, 40, 48, 56, 66, 80, 96}
-    base = DecodeConfig()
+    wanted = {1, 2, 4, 8} if batch * HKV >= 132 else {32, 48, 96, 128}
     for s in sorted(wanted):
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
             out.append((f"splits={s}", None, s))
             if s > 1:
-                out.append((f"splits={s} merge=two-kernel", two_kernel(base), s))
-            if batch * HKV < 132 and 24 <= s <= 96:
-                for c in (DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3)):
-                    out.append((f"splits={s} {label(c)}", c, s))
+                out.append((f"splits={s} pdl", DecodeConfig(pdl=True), s))
     return out
 
 
 def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> None:
+    from dataclasses import replace
+
     from ..kernels import paged_decode_attention, paged_decode_attention_ref
     from ..kernels.paged_attention import (
         DecodeConfig,
@@ -289,12 +285,15 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
 
     nbytes = row["bytes"]
     row["ours_config"]["fused_merge"] = cfg.fused_merge if splits > 1 else None
+    row["ours_config"]["pdl"] = cfg.pdl if splits > 1 else None
     row["ours"] = bandwidth_row(time_graph(ours), nbytes, copy_gbs)
     row["ours"]["ms_eager"] = round(time_eager(ours), 5)
-    if splits > 1:  # the two merges side by side, back to back on the same data
+    merges = {"fused": dict(fused_merge=True, pdl=False), "two_kernel": dict(fused_merge=False, pdl=False),
+              "two_kernel_pdl": dict(fused_merge=False, pdl=True)}  # fmt: skip
+    if splits > 1:  # the merges side by side, back to back on the same data
         row["merge"] = {}
-        for label, fused in (("fused", True), ("two_kernel", False)):
-            mcfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.evict_first, fused_merge=fused)
+        for label, how in merges.items():
+            mcfg = replace(cfg, **how)
 
             def merged(mcfg=mcfg):
                 return paged_decode_attention_triton(*args, config=mcfg)
@@ -303,7 +302,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
             check(f"{name} merge={label}", err, 2e-2)
             row["merge"][label] = dict(**bandwidth_row(time_graph(merged), nbytes, copy_gbs),
                                        ms_eager=round(time_eager(merged), 5), max_abs_err=err)  # fmt: skip
-        print(f"  merge: fused {row['merge']['fused']}  two-kernel {row['merge']['two_kernel']}", flush=True)
+        print(f"  merge: {row['merge']}", flush=True)
     row["sdpa"] = bandwidth_row(time_graph(sdpa), nbytes, copy_gbs)
     row["sdpa"]["ms_eager"] = round(time_eager(sdpa), 5)
     row["speedup_vs_sdpa"] = round(row["sdpa"]["ms"] / row["ours"]["ms"], 3)
@@ -339,10 +338,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
             k_id, v_id, t_id = unshuffled(data, [context] * batch)
             diag_args = (q, k_id, v_id, t_id, data["context_lens"])
             diag = {"note": "diagnostic: the same values over UNshuffled (identity-ordered) block tables"}
-            for label, fused in (("fused", True), ("two_kernel", False)):
-                if label == "two_kernel" and splits == 1:
-                    continue
-                mcfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.evict_first, fused_merge=fused)
+            for label, mcfg in (("default", cfg),):
 
                 def ident(mcfg=mcfg):
                     return paged_decode_attention_triton(*diag_args, config=mcfg)

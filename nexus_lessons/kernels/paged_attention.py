@@ -15,9 +15,11 @@ Design notes, the "why" of the code below:
   ``tl.dot`` shape): each KV byte is read once, not once per query head; (2) a tile spans several
   pages, gathered through the block table, so each iteration has enough bytes in flight; (3) the context
   is split across programs (flash-decoding) when ``B * Hkv`` alone cannot fill the GPU: each split writes
-  a partial output and its log-sum-exp, and the LAST split of each (sequence, KV head) to finish merges
-  them (an arrival counter, ``fused_merge``), so no second launch sits on the critical path of a 40 us
-  step. The two-kernel version (a small merge kernel after the split kernel) stays selectable.
+  a partial output and its log-sum-exp, and a small second kernel merges them, one program per query
+  head. Merging inside the split kernel (the LAST split of each (sequence, KV head) to finish merges,
+  found with an arrival counter, ``fused_merge``) saves that launch but was 13% slower on the H200 at
+  1 x 32k: 8 programs then read all partials while the GPU idles, against 32 in the merge kernel. The
+  merge kernel can instead start early with programmatic dependent launch (``pdl``, Hopper).
 * Softmax is online and in float32, in base 2: the scale is multiplied by log2(e) once so the inner loop
   uses ``exp2``; the log-sum-exps passed between the two decode kernels are base 2 too.
 * Extend (many new tokens per sequence) is compute-bound: a FlashAttention-2 style kernel over pages,
@@ -41,6 +43,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper): the merge kernel starts while the split kernel drains
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older triton: DecodeConfig.pdl then has no effect
+    gdc_launch_dependents = gdc_wait = None
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers: [next_pow2(splits), D]
@@ -131,7 +138,8 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     evict_first: bool = False  # hint L2 to drop K/V first (each byte is read once per step)
-    fused_merge: bool = True  # split-KV: the last split to arrive merges (False: a second merge kernel)
+    fused_merge: bool = False  # split-KV: the last split to arrive merges (False: a second merge kernel)
+    pdl: bool = False  # launch the merge kernel as a programmatic dependent launch (sm_90+, not interpreted)
 
 
 @triton.jit
@@ -148,7 +156,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -228,6 +236,8 @@ def _decode_split_kernel(
         tl.store(p_ptrs, out, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+        if PDL:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
+            gdc_launch_dependents()
         if FUSED_MERGE:
             # Every thread's partial stores happen-before the barrier; the release half of the atomic
             # (gpu scope, cumulative) then publishes them all. The split that sees num_splits - 1 is the
@@ -290,9 +300,11 @@ def _decode_merge_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (b, head): the two-kernel merge (``DecodeConfig.fused_merge=False``), see ``_merge_head``."""
+    if PDL:  # launched early: wait until the split kernel has finished and its writes are visible
+        gdc_wait()
     _merge_head(PartialOut, PartialLse, Out, tl.program_id(0), tl.program_id(1), num_splits,
                 stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
                 HEAD_DIM, BLOCK_S, BLOCK_D, BLOCK_S, False)  # fmt: skip
@@ -325,6 +337,14 @@ def merge_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: a CUDA device of compute capability >= 9 and a triton that has it."""
+    if device.type != "cuda" or gdc_wait is None or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
     if device.type != "cuda":
@@ -340,12 +360,15 @@ def _cuda_sms(index: int) -> int:
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sms: int, block_n: int = 64) -> int:
     """How many programs share one sequence's context in decode.
 
-    ``B * Hkv`` programs exist without splitting. Aim for about 4 programs per SM (a few waves, so the last
-    one is not mostly idle), but never give a split fewer than MIN_TOKENS_PER_SPLIT tokens, and cap at
-    MAX_SPLITS. So batch 1 x 32k tokens with 8 KV heads on 132 SMs gets 64 splits of 512 tokens, while
-    batch 256 (2048 programs already) gets 1 split and skips the merge kernel entirely.
+    ``B * Hkv`` programs exist without splitting. With at least 2 per SM already there is no split: the
+    partial writes and the merge cost more than the last wave's idle SMs (H200, 64 x 4096 with 8 KV
+    heads = 512 programs: 101.5% of copy bandwidth unsplit, 99.5% with 2 splits). Below that, aim for
+    about 4 programs per SM, but never give a split fewer than MIN_TOKENS_PER_SPLIT tokens, and cap at
+    MAX_SPLITS. So batch 1 x 32k tokens with 8 KV heads on 132 SMs gets 64 splits of 512 tokens.
     """
     programs = batch * num_kv_heads
+    if programs >= 2 * sms:
+        return 1
     wanted = math.ceil(4 * sms / max(programs, 1))
     by_length = math.ceil(max_context_len / max(MIN_TOKENS_PER_SPLIT, block_n))
     splits = max(1, min(wanted, by_length, MAX_SPLITS))
@@ -401,6 +424,7 @@ def paged_decode_attention_triton(
         return out
     direct = num_splits == 1
     fused = cfg.fused_merge and not direct
+    pdl = cfg.pdl and not (direct or fused) and pdl_available(q.device)
     if direct:  # placeholders, never touched
         partial, lse = out, out
         p_strides, l_strides = (0, 0, 0), (0, 0)
@@ -419,7 +443,7 @@ def paged_decode_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s,
+        EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -427,8 +451,8 @@ def paged_decode_attention_triton(
         _decode_merge_kernel[(batch, num_heads)](
             partial, lse, out, num_splits,
             *p_strides, *l_strides, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d,
-            num_warps=4 if block_s * block_d <= 4096 else 8,
+            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
+            num_warps=4 if block_s * block_d <= 4096 else 8, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     return out
 
@@ -814,9 +838,9 @@ def default_extend_config(
         return ExtendConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, new_kv=mode)
     if head_dim > 128:
         return ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, new_kv=mode)
-    if new_kv:  # k_new given: 128 x 64 tiles, 8 warps, 3 stages compile for sm_90 without spills (TMA:
-        # 180 registers, 132 KB shared); 128 x 128 x 3 stages spills there. Not yet timed: see the benchmark.
-        return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, new_kv=mode)
+    if new_kv:  # k_new given: 128 x 128 tiles, 8 warps, 3 stages, with TMA: 349 TFLOP/s on the H200 at
+        # 8 x 2048 causal (triton 3.6), level with the best of the sweep (128 x 64, 4 warps, 2 stages: 350)
+        return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, new_kv=mode)
     # 128 x 128 tiles: the best of the benchmark's sweep on the H200 (8 x 2048 causal, bf16, D 128)
     return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, new_kv=mode)
 
