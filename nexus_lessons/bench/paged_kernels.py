@@ -223,24 +223,26 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
     # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md),
     # and session 3's split sweep at 1 x 32k put the heuristic's 64 on top: a few of each stay, with the
     # merge kernel launched as a programmatic dependent launch (pdl) where the case splits.
-    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True)]
+    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True), DecodeConfig(32, 4, 4),
+               DecodeConfig(32, 4, 6), DecodeConfig(64, 4, 4)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
-                + (" merge=fused" if c.fused_merge else "") + (" pdl" if c.pdl else ""))  # fmt: skip
+                + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else ""))  # fmt: skip
 
     out: list[tuple[str, Any, int | None]] = []
     for c in configs:
         out.append((label(c), c, None))
         if splits_auto > 1:
-            out.append((label(replace(c, pdl=True)), replace(c, pdl=True), None))
+            for mode in ("end", "start"):
+                out.append((label(replace(c, pdl=mode)), replace(c, pdl=mode), None))
     by_length = max(1, context // 128)
     wanted = {1, 2, 4, 8} if batch * HKV >= 132 else {32, 48, 96, 128}
     for s in sorted(wanted):
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
             out.append((f"splits={s}", None, s))
             if s > 1:
-                out.append((f"splits={s} pdl", DecodeConfig(pdl=True), s))
+                out.append((f"splits={s} pdl=start", DecodeConfig(pdl="start"), s))
     return out
 
 
@@ -288,8 +290,9 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     row["ours_config"]["pdl"] = cfg.pdl if splits > 1 else None
     row["ours"] = bandwidth_row(time_graph(ours), nbytes, copy_gbs)
     row["ours"]["ms_eager"] = round(time_eager(ours), 5)
-    merges = {"fused": dict(fused_merge=True, pdl=False), "two_kernel": dict(fused_merge=False, pdl=False),
-              "two_kernel_pdl": dict(fused_merge=False, pdl=True)}  # fmt: skip
+    merges = {"fused": dict(fused_merge=True, pdl="off"), "two_kernel": dict(fused_merge=False, pdl="off"),
+              "two_kernel_pdl_end": dict(fused_merge=False, pdl="end"),
+              "two_kernel_pdl_start": dict(fused_merge=False, pdl="start")}  # fmt: skip
     if splits > 1:  # the merges side by side, back to back on the same data
         row["merge"] = {}
         for label, how in merges.items():
@@ -595,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-variants", action="store_true", help="skip the tuning sweep")
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     parser.add_argument("--budget-s", type=float, default=420, help="start no new variant after this long")
+    parser.add_argument("--decode-only", action="store_true", help="skip the extend cases (a decode tuning run)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, two variants, any device (Triton interpreter on CPU): checks the script")  # fmt: skip
     args = parser.parse_args(argv)
@@ -609,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         DEV = torch.device("cpu")
     name = "paged_kernels_smoke.json" if smoke else "paged_kernels.json"
     run = Run(Path(args.out) / name, args.budget_s, not args.no_variants, not args.no_flex, 3 if smoke else None)
-    run.reserve_s = 0.0 if smoke else 0.4 * args.budget_s  # the extend paths are this run's main question
+    run.reserve_s = 0.0 if smoke or args.decode_only else 0.4 * args.budget_s  # time kept for the extend cases
     failed = False
     run.results["copy_gbs"] = round(copy_bandwidth_gbs(), 1) if DEV.type == "cuda" else None
     print(f"device-to-device copy: {run.results['copy_gbs']} GB/s (read + write)", flush=True)
@@ -620,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             run.error(f"decode {batch}x{context}", exc)
             failed = True
         run.save()
-    for batch, cached, new, variants in SMOKE_EXTEND_CASES if smoke else EXTEND_CASES:
+    for batch, cached, new, variants in [] if args.decode_only else SMOKE_EXTEND_CASES if smoke else EXTEND_CASES:
         try:
             run_extend(run, batch, cached, new, variants)
         except Exception as exc:  # noqa: BLE001

@@ -139,7 +139,10 @@ class DecodeConfig:
     num_stages: int = 3
     evict_first: bool = False  # hint L2 to drop K/V first (each byte is read once per step)
     fused_merge: bool = False  # split-KV: the last split to arrive merges (False: a second merge kernel)
-    pdl: bool = False  # launch the merge kernel as a programmatic dependent launch (sm_90+, not interpreted)
+    # The merge kernel as a programmatic dependent launch (sm_90+, not interpreted): "off"; "end" (the
+    # split programs allow it once their partials are stored); "start" (allowed at once: the merge
+    # programs are resident and waiting when the last split finishes, at the cost of their SM slots)
+    pdl: str = "off"
 
 
 @triton.jit
@@ -157,6 +160,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
+    PDL_START: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -166,6 +170,8 @@ def _decode_split_kernel(
     (FUSED_MERGE) by whichever split of this (b, kv_head) finishes last. An empty split writes lse = -inf,
     which the merge weighs as zero.
     """
+    if PDL_START:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -236,7 +242,7 @@ def _decode_split_kernel(
         tl.store(p_ptrs, out, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
-        if PDL:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
+        if PDL and not PDL_START:
             gdc_launch_dependents()
         if FUSED_MERGE:
             # Every thread's partial stores happen-before the barrier; the release half of the atomic
@@ -424,7 +430,9 @@ def paged_decode_attention_triton(
         return out
     direct = num_splits == 1
     fused = cfg.fused_merge and not direct
-    pdl = cfg.pdl and not (direct or fused) and pdl_available(q.device)
+    if cfg.pdl not in ("off", "end", "start"):
+        raise ValueError(f"DecodeConfig.pdl must be 'off', 'end' or 'start', got {cfg.pdl!r}")
+    pdl = cfg.pdl != "off" and not (direct or fused) and pdl_available(q.device)
     if direct:  # placeholders, never touched
         partial, lse = out, out
         p_strides, l_strides = (0, 0, 0), (0, 0)
@@ -444,6 +452,7 @@ def paged_decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
+        PDL_START=pdl and cfg.pdl == "start",
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
