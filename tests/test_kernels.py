@@ -256,6 +256,27 @@ def test_decode_and_extend_take_broadcast_lengths():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_prefetched_block_ids(dtype):
+    """Block ids loaded one tile ahead: lengths that end mid-tile, mid-page and on a page boundary, one and
+    several splits (some empty), NaN in every slot past a sequence's end; equal to the plain kernel."""
+    bs, hkv, group, d = 16, 2, 4, 32
+    lens = [1, 47, 130, 96, 16, 33]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=23)
+    q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    base = pa.default_decode_config(dtype, d, q.device)
+    for block_n in (16, 32):
+        plain = pa.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
+        ahead = pa.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages, prefetch_ids=True)
+        for splits in (1, 3, 9):
+            got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=ahead)
+            ref = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=plain)
+            assert_close(got, want, dtype, f"prefetch block_n={block_n} splits={splits}")
+            torch.testing.assert_close(got, ref, atol=TOL[dtype] / 4, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_fused_merge(dtype):
     """The last split to arrive merges: many splits (some empty), against the oracle and the two-kernel
     merge; a second call on the same counter workspace proves the counters were reset to 0."""
@@ -628,8 +649,9 @@ def test_gpu_decode(dtype, splits):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fused, pdl", [(True, "off"), (False, "off"), (False, "end"), (False, "start")])
-def test_gpu_decode_merge_paths(fused, pdl):
+@pytest.mark.parametrize("fused, pdl, prefetch", [(True, "off", False), (False, "off", False), (False, "end", False),
+                                                  (False, "start", False), (False, "off", True)])  # fmt: skip
+def test_gpu_decode_merge_paths(fused, pdl, prefetch):
     """bf16 at 1 x 32k-like splits: the fused merge (atomic arrival counter), the two-kernel merge and the
     two-kernel merge as a programmatic dependent launch, each called repeatedly (the counters must come
     back to 0 every time) and once from a CUDA graph replay."""
@@ -637,7 +659,7 @@ def test_gpu_decode_merge_paths(fused, pdl):
     k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=13)
     q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    cfg = pa.DecodeConfig(fused_merge=fused, pdl=pdl)
+    cfg = pa.DecodeConfig(fused_merge=fused, pdl=pdl, prefetch_ids=prefetch)
     assert pdl == "off" or pa.pdl_available(q.device), "the H200 run must exercise the PDL path"
     for splits in (2, 64, 128):
         outs = [pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)

@@ -223,17 +223,22 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
     # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md),
     # and session 3's split sweep at 1 x 32k put the heuristic's 64 on top: a few of each stay, with the
     # merge kernel launched as a programmatic dependent launch (pdl) where the case splits.
-    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 2, 3), DecodeConfig(64, 4, 3, True), DecodeConfig(32, 4, 4),
-               DecodeConfig(32, 4, 6), DecodeConfig(64, 4, 4)]  # fmt: skip
+    # prefetch_ids: the next tile's block ids loaded one iteration ahead, so the pipeliner multi-buffers K/V
+    # (without it, triton gives the gathered K/V one buffer at any num_stages: ttgir, sm_90)
+    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3, True), DecodeConfig(32, 4, 4),
+               DecodeConfig(64, 4, 3, prefetch_ids=True), DecodeConfig(64, 4, 4, prefetch_ids=True),
+               DecodeConfig(32, 4, 4, prefetch_ids=True), DecodeConfig(32, 4, 6, prefetch_ids=True),
+               DecodeConfig(64, 2, 3, prefetch_ids=True), DecodeConfig(64, 8, 3, prefetch_ids=True)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
-                + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else ""))  # fmt: skip
+                + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else "")
+                + (" prefetch_ids" if c.prefetch_ids else ""))  # fmt: skip
 
     out: list[tuple[str, Any, int | None]] = []
     for c in configs:
         out.append((label(c), c, None))
-        if splits_auto > 1:
+        if splits_auto > 1 and c == configs[0]:
             for mode in ("end", "start"):
                 out.append((label(replace(c, pdl=mode)), replace(c, pdl=mode), None))
     by_length = max(1, context // 128)
@@ -242,7 +247,8 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
             out.append((f"splits={s}", None, s))
             if s > 1:
-                out.append((f"splits={s} pdl=start", DecodeConfig(pdl="start"), s))
+                out.append((f"splits={s} prefetch_ids", DecodeConfig(prefetch_ids=True), s))
+                out.append((f"splits={s} block_n=32 stages=4 prefetch_ids", DecodeConfig(32, 4, 4, prefetch_ids=True), s))
     return out
 
 

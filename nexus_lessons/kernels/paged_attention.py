@@ -143,6 +143,7 @@ class DecodeConfig:
     # split programs allow it once their partials are stored); "start" (allowed at once: the merge
     # programs are resident and waiting when the last split finishes, at the cost of their SM slots)
     pdl: str = "off"
+    prefetch_ids: bool = False  # load the next tile's block ids one iteration ahead (deeper K/V pipelining)
 
 
 @triton.jit
@@ -160,7 +161,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
-    PDL_START: tl.constexpr,
+    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -199,11 +200,22 @@ def _decode_split_kernel(
     table = BlockTables + b.to(tl.int64) * stride_btb
     k_base = KCache + kv_head * stride_kch
     v_base = VCache + kv_head * stride_vch
+    if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
+        first = start + tl.arange(0, BLOCK_N)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         # Gather: token -> (physical block, offset in block) through this sequence's block table.
-        block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        if PREFETCH_IDS:
+            # Block ids one tile ahead, carried by the loop: the K/V loads' addresses then come from the
+            # previous iteration, so the pipeliner gives them num_stages - 1 buffers instead of treating
+            # them as indirect loads (one buffer at 3 stages: one tile in flight per program).
+            block = next_block.to(tl.int64)
+            ahead = offs_n + BLOCK_N
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+        else:
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
         in_block = offs_n % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
@@ -452,7 +464,7 @@ def paged_decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
-        PDL_START=pdl and cfg.pdl == "start",
+        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=cfg.prefetch_ids,
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
