@@ -20,6 +20,11 @@ if not HAS_CUDA:  # build the kernels under the interpreter, then put the enviro
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import nexus_lessons.kernels.paged_attention as pa
+
+        try:  # newer triton imports gluon at the first launch, and gluon must see the interpreter too
+            import triton.experimental.gluon  # noqa: F401
+        except ImportError:
+            pass
     except ImportError:  # no triton at all: the Triton tests skip below
         pa = None
     finally:
@@ -308,6 +313,12 @@ def test_choose_num_splits():
         assert pa.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs already: >= 2 per SM
         assert pa.choose_num_splits(1, 8, 100, 132) == 1  # too short to be worth splitting
         assert pa.choose_num_splits(4, 8, 1 << 20, 132) <= pa.MAX_SPLITS
+        assert pa.choose_num_splits(1, 8, 32768, 132, programs_per_sm=2) == 32  # 33 wanted: 16 tiles each
+        cfg = pa.DecodeConfig()  # prefetch_ids=None: on exactly when split, then one wave at 2 per SM
+        assert pa.decode_plan(1, 8, 32768, 132, cfg) == (32, True)
+        assert pa.decode_plan(64, 8, 4096, 132, cfg) == (1, False)
+        assert pa.decode_plan(1, 8, 100, 132, cfg) == (1, False)
+        assert pa.decode_plan(1, 8, 32768, 132, pa.DecodeConfig(prefetch_ids=False)) == (64, False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -216,39 +216,28 @@ def bandwidth_row(ms: float, nbytes: int, copy_gbs: float | None) -> dict[str, f
 
 
 def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[str, Any, int | None]]:
-    from dataclasses import replace
-
     from ..kernels.paged_attention import MAX_SPLITS, DecodeConfig
 
-    # The session-2 sweep settled block_n / warps / stages / evict_first within 1% (notes/paged_kernels.md),
-    # and session 3's split sweep at 1 x 32k put the heuristic's 64 on top: a few of each stay, with the
-    # merge kernel launched as a programmatic dependent launch (pdl) where the case splits.
-    # prefetch_ids: the next tile's block ids loaded one iteration ahead, so the pipeliner multi-buffers K/V
-    # (without it, triton gives the gathered K/V one buffer at any num_stages: ttgir, sm_90)
-    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3, True), DecodeConfig(32, 4, 4),
+    # Sessions 2-3 settled block_n / warps / stages / evict_first / layout within 1-2% (notes/paged_kernels.md);
+    # what still moves the long-context case is prefetching the block ids (the pipeliner then keeps two K/V
+    # tiles in flight per program instead of one) together with the split count (one wave of programs).
+    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3, True), DecodeConfig(64, 4, 3, prefetch_ids=False),
                DecodeConfig(64, 4, 3, prefetch_ids=True), DecodeConfig(64, 4, 4, prefetch_ids=True),
-               DecodeConfig(32, 4, 4, prefetch_ids=True), DecodeConfig(32, 4, 6, prefetch_ids=True),
-               DecodeConfig(64, 2, 3, prefetch_ids=True), DecodeConfig(64, 8, 3, prefetch_ids=True)]  # fmt: skip
+               DecodeConfig(32, 4, 4, prefetch_ids=True)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
                 + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else "")
-                + (" prefetch_ids" if c.prefetch_ids else ""))  # fmt: skip
+                + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}"))  # fmt: skip
 
-    out: list[tuple[str, Any, int | None]] = []
-    for c in configs:
-        out.append((label(c), c, None))
-        if splits_auto > 1 and c == configs[0]:
-            for mode in ("end", "start"):
-                out.append((label(replace(c, pdl=mode)), replace(c, pdl=mode), None))
+    out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
     by_length = max(1, context // 128)
-    wanted = {1, 2, 4, 8} if batch * HKV >= 132 else {32, 48, 96, 128}
+    wanted = {1, 2, 4} if batch * HKV >= 132 else {24, 40, 48, 64}
     for s in sorted(wanted):
         if s <= min(MAX_SPLITS, by_length) and s != splits_auto:
-            out.append((f"splits={s}", None, s))
+            out.append((f"splits={s}", None, s))  # default config: block ids prefetched when split
             if s > 1:
-                out.append((f"splits={s} prefetch_ids", DecodeConfig(prefetch_ids=True), s))
-                out.append((f"splits={s} block_n=32 stages=4 prefetch_ids", DecodeConfig(32, 4, 4, prefetch_ids=True), s))
+                out.append((f"splits={s} prefetch_ids=off", DecodeConfig(prefetch_ids=False), s))
     return out
 
 
@@ -258,7 +247,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     from ..kernels import paged_decode_attention, paged_decode_attention_ref
     from ..kernels.paged_attention import (
         DecodeConfig,
-        choose_num_splits,
+        decode_plan,
         default_decode_config,
         num_sms,
         paged_decode_attention_triton,
@@ -272,8 +261,9 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     q = torch.randn(batch, HQ, D, device=DEV, dtype=DTYPE)
     args = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
     cfg = default_decode_config(DTYPE, D, q.device)
-    splits = choose_num_splits(batch, HKV, context, num_sms(q.device), cfg.block_n)
-    row["ours_config"] = dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, num_splits=splits)
+    splits, prefetch = decode_plan(batch, HKV, context, num_sms(q.device), cfg)
+    row["ours_config"] = dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, num_splits=splits,
+                              prefetch_ids=prefetch)  # fmt: skip
 
     def ours():
         return paged_decode_attention_triton(*args)

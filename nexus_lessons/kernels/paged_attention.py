@@ -143,7 +143,9 @@ class DecodeConfig:
     # split programs allow it once their partials are stored); "start" (allowed at once: the merge
     # programs are resident and waiting when the last split finishes, at the cost of their SM slots)
     pdl: str = "off"
-    prefetch_ids: bool = False  # load the next tile's block ids one iteration ahead (deeper K/V pipelining)
+    # Load the next tile's block ids one iteration ahead: the pipeliner then multi-buffers the gathered K/V
+    # (without it, one buffer at any num_stages). None: on exactly when the context is split (decode_plan).
+    prefetch_ids: bool | None = None
 
 
 @triton.jit
@@ -375,24 +377,43 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sms: int, block_n: int = 64) -> int:
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_context_len: int, sms: int, block_n: int = 64, programs_per_sm: int = 4
+) -> int:
     """How many programs share one sequence's context in decode.
 
     ``B * Hkv`` programs exist without splitting. With at least 2 per SM already there is no split: the
     partial writes and the merge cost more than the last wave's idle SMs (H200, 64 x 4096 with 8 KV
     heads = 512 programs: 101.5% of copy bandwidth unsplit, 99.5% with 2 splits). Below that, aim for
-    about 4 programs per SM, but never give a split fewer than MIN_TOKENS_PER_SPLIT tokens, and cap at
-    MAX_SPLITS. So batch 1 x 32k tokens with 8 KV heads on 132 SMs gets 64 splits of 512 tokens.
+    about ``programs_per_sm`` programs per SM, but never give a split fewer than MIN_TOKENS_PER_SPLIT
+    tokens, and cap at MAX_SPLITS. So batch 1 x 32k tokens with 8 KV heads on 132 SMs gets 64 splits of
+    512 tokens at 4 per SM, 32 splits of 1024 at 2 per SM (what ``decode_plan`` asks for).
     """
     programs = batch * num_kv_heads
     if programs >= 2 * sms:
         return 1
-    wanted = math.ceil(4 * sms / max(programs, 1))
+    wanted = math.ceil(programs_per_sm * sms / max(programs, 1))
     by_length = math.ceil(max_context_len / max(MIN_TOKENS_PER_SPLIT, block_n))
     splits = max(1, min(wanted, by_length, MAX_SPLITS))
     # Whole tiles per split, and no split left empty by the rounding (66 wanted -> 64 x 8 tiles).
     tiles = max(1, math.ceil(max_context_len / block_n))
     return math.ceil(tiles / math.ceil(tiles / splits))
+
+
+def decode_plan(batch: int, num_kv_heads: int, max_context_len: int, sms: int, cfg: DecodeConfig) -> tuple[int, bool]:
+    """(splits, prefetch_ids) for a launch: a split context runs one wave of long, deeply pipelined programs.
+
+    H200, 1 x 32k, 8 KV heads: 64 splits of plain programs 77.1% of copy bandwidth; with the block ids
+    prefetched (two K/V tiles in flight per program, 72 KB of shared memory each, so 3 programs fit on an
+    SM) 64 splits drop to 66% (512 programs: a second, partial wave) while 32 splits (256 programs, 2
+    per SM, one wave) reach 81.3%. Unsplit launches keep the plain kernel: at 64 x 4096 prefetching cost
+    occupancy (84-100% vs 101.6%).
+    """
+    if cfg.prefetch_ids is not None:
+        per_sm = 2 if cfg.prefetch_ids else 4
+        return choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, per_sm), cfg.prefetch_ids
+    splits = choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, programs_per_sm=2)
+    return splits, splits > 1
 
 
 def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
@@ -433,8 +454,11 @@ def paged_decode_attention_triton(
     cfg = config or default_decode_config(q.dtype, head_dim, q.device)
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * k_cache.shape[1]
+    planned, prefetch = decode_plan(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg.block_n)
+        num_splits = planned
+    elif cfg.prefetch_ids is None:
+        prefetch = num_splits > 1
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
@@ -464,7 +488,7 @@ def paged_decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
-        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=cfg.prefetch_ids,
+        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
