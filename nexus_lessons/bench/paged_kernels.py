@@ -19,8 +19,8 @@ that has been allocated and freed for a while; contiguous tables would flatter t
   stays shuffled.
 * extend paths: "ours" is what the library runs (PagedKVCache passes the step's k/v as ``k_new, v_new``,
   with the default config); the variants time the paged-only kernel (``path=paged``), the contiguous
-  new-K/V kernel with pointer loads (``path=pointer``) and with TMA descriptors (``path=tma``), tile
-  choices for the new path, and ``warp_specialize`` last (a compiler crash there cannot hide the rest).
+  new-K/V kernel with pointer loads (``path=pointer``) and with TMA descriptors (``path=tma``), and tile
+  choices for the new path (session 3 also tried ``warp_specialize``: no gain, see the notes).
 * variants: tile sizes, warps, pipeline stages and split counts, timed on the same data, so one GPU run
   says what to tune. A variant that fails to compile is recorded and skipped.
 
@@ -180,7 +180,6 @@ class Run:
         self.budget_s = budget_s
         self.variants = variants
         self.flex = flex
-        self.deferred: list[Callable[[], None]] = []  # variants run after every case (risky compiles)
         self.reserve_s = 0.0  # decode variants leave this much of the budget to the extend cases
         self.results: dict[str, Any] = {
             "benchmark": "paged_kernels",
@@ -424,8 +423,7 @@ def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: f
 
 def extend_variants(sweep: bool) -> list[tuple[str, Any, bool]]:
     """(label, config, pass k_new). The three paths at their default tiles first, then (``sweep``) tiles
-    for the new path and the paged path's runner-up, then warp_specialize last: a compiler crash there
-    must not cost the other measurements (the JSON is saved after every variant)."""
+    for the new path and the paged path's runner-up."""
     from ..kernels.paged_attention import ExtendConfig, default_extend_config
 
     new = default_extend_config(DTYPE, D, DEV, False, True)
@@ -434,8 +432,8 @@ def extend_variants(sweep: bool) -> list[tuple[str, Any, bool]]:
     def tiles(c: ExtendConfig) -> str:
         return f"block_m={c.block_m} block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}"
 
-    def at(c: ExtendConfig, mode: str, ws: bool = False) -> ExtendConfig:
-        return ExtendConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, new_kv=mode, warp_specialize=ws)
+    def at(c: ExtendConfig, mode: str) -> ExtendConfig:
+        return ExtendConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, new_kv=mode)
 
     out = [(f"path=paged {tiles(paged)}", paged, False),
            (f"path=pointer {tiles(new)}", at(new, "pointer"), True),
@@ -451,8 +449,6 @@ def extend_variants(sweep: bool) -> list[tuple[str, Any, bool]]:
     for c in (ExtendConfig(128, 128, 8, 2), ExtendConfig(128, 64, 8, 2)):
         out.append((f"path=pointer {tiles(c)}", at(c, "pointer"), True))
     out.append((f"path=paged {tiles(ExtendConfig(128, 64, 8, 2))}", ExtendConfig(128, 64, 8, 2), False))
-    for c in (ExtendConfig(128, 64, 8, 3), ExtendConfig(128, 128, 8, 2), ExtendConfig(128, 64, 4, 3)):
-        out.append((f"path=tma {tiles(c)} warp_specialize", at(c, "tma", True), True))
     return out
 
 
@@ -528,12 +524,7 @@ def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> N
     if not run.variants:
         return
     row["variants"] = []
-    chosen = extend_variants(variants)[: run.max_variants]
-    now = [v for v in chosen if "warp_specialize" not in v[0]]
-    later = [v for v in chosen if "warp_specialize" in v[0]]
-    time_extend_variants(run, row, name, now, ours, ref_sdpa, flops, t_sdpa)
-    if later:  # after every other case: a compiler abort here must not cost the rest of the run
-        run.deferred.append(lambda: time_extend_variants(run, row, name, later, ours, ref_sdpa, flops, t_sdpa))
+    time_extend_variants(run, row, name, extend_variants(variants)[: run.max_variants], ours, ref_sdpa, flops, t_sdpa)
 
 
 def time_extend_variants(run: Run, row: dict, name: str, chosen: list, ours: Callable, ref_sdpa: torch.Tensor,
@@ -626,9 +617,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001
             run.error(f"extend {batch}x{cached}+{new}", exc)
             failed = True
-        run.save()
-    for deferred in run.deferred:
-        deferred()
         run.save()
     print("\n" + summary(run.results))
     print(f"\nwrote {run.path}")

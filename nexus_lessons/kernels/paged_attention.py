@@ -519,7 +519,6 @@ class ExtendConfig:
     # cannot apply), "pointer" (the same contiguous rows, ordinary loads), "paged" (ignore k_new: all
     # keys gathered from the pages, the kernel without k_new)
     new_kv: str = "tma"
-    warp_specialize: bool = False  # tl.range(warp_specialize=True) on the new tokens' unmasked loop
 
 
 NEW_KV_MODES = ("tma", "pointer", "paged")
@@ -745,7 +744,7 @@ def _extend_new_kv_kernel(
     stride_mq, stride_mk,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``_extend_kernel`` with the new tokens' K/V read from contiguous rows (KNew/VNew).
@@ -812,20 +811,12 @@ def _extend_new_kv_kernel(
     else:
         new_full = (m_start // BLOCK_N) * BLOCK_N
         new_end = tl.minimum(q_len, m_start + BLOCK_M)
-    if WARP_SPECIALIZE:  # a separate branch: a triton without the keyword never compiles it otherwise
-        for j0 in tl.range(0, new_full, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _extend_new_tile(
-                acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
-                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
-            )  # fmt: skip
-    else:
-        for j0 in range(0, new_full, BLOCK_N):
-            acc, l_i, m_i = _extend_new_tile(
-                acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
-                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
-            )  # fmt: skip
+    for j0 in range(0, new_full, BLOCK_N):
+        acc, l_i, m_i = _extend_new_tile(
+            acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
+            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
     for j0 in range(new_full, new_end, BLOCK_N):
         acc, l_i, m_i = _extend_new_tile(
             acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
@@ -1001,7 +992,7 @@ def _launch_new_kv(
         *block_tables.stride(), *out.stride(), *mask_strides,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
-        HAS_MASK=has_mask, USE_TMA=descs is not None, WARP_SPECIALIZE=cfg.warp_specialize,
+        HAS_MASK=has_mask, USE_TMA=descs is not None,
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
