@@ -80,7 +80,7 @@ def compile_launch(launch: Launch, arch: int) -> dict[str, Any]:
     attrs: dict[tuple[int, ...], list] = {}
     for i, name in enumerate(fn.arg_names):
         value = given[name]
-        if name in constexpr_names:
+        if name in constexpr_names or value is None:  # triton specialises a None argument as a constant
             signature[name], constants[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TRITON_TYPES[value.dtype]

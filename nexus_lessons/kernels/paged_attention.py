@@ -585,91 +585,6 @@ def _extend_tile(
 
 
 @triton.jit
-def _extend_kernel(
-    Q, KCache, VCache, BlockTables, ContextLens, QueryStartLoc, Out, Mask,
-    qk_scale, num_m_blocks,
-    stride_qt, stride_qh, stride_qd,
-    stride_kcb, stride_kct, stride_kch, stride_kcd,
-    stride_vcb, stride_vct, stride_vch, stride_vcd,
-    stride_btb, stride_btn,
-    stride_ot, stride_oh, stride_od,
-    stride_mq, stride_mk,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """Program (head, sequence, query tile). The query tile is the slowest grid axis and runs last-first:
-    the tiles that see the most keys start earliest (evening out the tail of a causal launch), and the
-    query heads sharing a KV head run side by side, so their K/V reads hit L2.
-
-    Keys [0, full_end) are visible to every query of the tile (they precede the tile's first query, or are
-    cached tokens under a custom mask): loop 1, no masking. Keys [full_end, kv_end) need the causal or
-    custom mask: loop 2, usually one or two tiles.
-    """
-    head = tl.program_id(0)
-    b = tl.program_id(1)
-    m_block = num_m_blocks - 1 - tl.program_id(2)
-    q_row0 = tl.load(QueryStartLoc + b)
-    q_len = tl.load(QueryStartLoc + b + 1) - q_row0
-    m_start = m_block * BLOCK_M
-    if m_start >= q_len:
-        return
-    context_len = tl.load(ContextLens + b)
-    prefix = context_len - q_len
-    kv_head = head // GROUP
-
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < q_len
-    d_mask = offs_d < HEAD_DIM
-    rows = (q_row0 + offs_m).to(tl.int64)
-    q = tl.load(
-        Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = BlockTables + b.to(tl.int64) * stride_btb
-    k_base = KCache + kv_head * stride_kch
-    v_base = VCache + kv_head * stride_vch
-    if HAS_MASK:
-        unmasked_end = prefix
-        kv_end = context_len
-    else:
-        unmasked_end = prefix + m_start
-        kv_end = tl.minimum(context_len, prefix + m_start + BLOCK_M)
-    full_end = (unmasked_end // BLOCK_N) * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _extend_tile(
-            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
-            context_len, prefix, q_row0, Mask,
-            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
-            stride_mq, stride_mk, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, False, HAS_MASK, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-    for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _extend_tile(
-            acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
-            context_len, prefix, q_row0, Mask,
-            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
-            stride_mq, stride_mk, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True, HAS_MASK, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(
-        Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
-
-
-@triton.jit
 def _extend_new_tile(
     acc, l_i, m_i, q, KNew, VNew, offs_m, j0, q_len, q_row0, kv_head, Mask,
     stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
@@ -731,7 +646,7 @@ def _extend_new_tile(
 
 
 @triton.jit
-def _extend_new_kv_kernel(
+def _extend_kernel(
     Q, QDesc, KCache, VCache, KNew, VNew, BlockTables, ContextLens, QueryStartLoc, Out, Mask,
     qk_scale, num_m_blocks,
     stride_qt, stride_qh, stride_qd,
@@ -744,16 +659,22 @@ def _extend_new_kv_kernel(
     stride_mq, stride_mk,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEW_KV: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """``_extend_kernel`` with the new tokens' K/V read from contiguous rows (KNew/VNew).
+    """Program (head, sequence, query tile). The query tile is the slowest grid axis and runs last-first:
+    the tiles that see the most keys start earliest (evening out the tail of a causal launch), and the
+    query heads sharing a KV head run side by side, so their K/V reads hit L2.
 
-    Keys come in two parts, each split like the paged kernel: the cached prefix [0, prefix) from the pages
-    (whole tiles unmasked, then the one partial tile masked to the prefix), then the new tokens [0, q_len)
-    from their rows (the tiles before this query tile unmasked, the diagonal ones masked). Under a custom
-    mask every new-token tile is masked. With USE_TMA, Q is a descriptor too (QDesc); output stores stay
-    masked pointer stores, so a tile never writes into the next sequence's rows.
+    Without NEW_KV every key comes from the pages: keys [0, full_end) are visible to every query of the
+    tile (they precede its first query, or are cached tokens under a custom mask): loop 1, no masking;
+    keys [full_end, kv_end) need the causal or custom mask: loop 2, usually one or two tiles.
+    With NEW_KV (KNew/VNew hold the new tokens' K/V as contiguous rows) keys come in two parts, each split
+    the same way: the cached prefix [0, prefix) from the pages (whole tiles unmasked, then the one partial
+    tile masked to the prefix), then the new tokens [0, q_len) from their rows (the tiles before this
+    query tile unmasked, the diagonal ones masked; all masked under a custom mask). With USE_TMA, Q and
+    the new rows are tensor descriptors (QDesc, KNew, VNew); output stores stay masked pointer stores,
+    so a tile never writes into the next sequence's rows.
     """
     head = tl.program_id(0)
     b = tl.program_id(1)
@@ -783,10 +704,61 @@ def _extend_new_kv_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # 1. the cached prefix, gathered through the block table (visible to every query of the tile)
     table = BlockTables + b.to(tl.int64) * stride_btb
     k_base = KCache + kv_head * stride_kch
     v_base = VCache + kv_head * stride_vch
+    if not NEW_KV:
+        if HAS_MASK:
+            unmasked_end = prefix
+            kv_end = context_len
+        else:
+            unmasked_end = prefix + m_start
+            kv_end = tl.minimum(context_len, prefix + m_start + BLOCK_M)
+        full_end = (unmasked_end // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _extend_tile(
+                acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+                context_len, prefix, q_row0, Mask,
+                stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+                stride_mq, stride_mk, qk_scale,
+                HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, False, HAS_MASK, DOT_PRECISION, UPCAST,
+            )  # fmt: skip
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            acc, l_i, m_i = _extend_tile(
+                acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
+                context_len, prefix, q_row0, Mask,
+                stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+                stride_mq, stride_mk, qk_scale,
+                HEAD_DIM, PAGE_SIZE, BLOCK_D, BLOCK_N, True, HAS_MASK, DOT_PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _extend_prefix_then_new(
+            acc, l_i, m_i, q, k_base, v_base, table, KNew, VNew, offs_m, m_start, prefix, q_len, q_row0,
+            kv_head, Mask,
+            stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+            stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+            HEAD_DIM, PAGE_SIZE, BLOCK_M, BLOCK_D, BLOCK_N, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _extend_prefix_then_new(
+    acc, l_i, m_i, q, k_base, v_base, table, KNew, VNew, offs_m, m_start, prefix, q_len, q_row0, kv_head, Mask,
+    stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd, stride_btn,
+    stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The NEW_KV key loops of ``_extend_kernel``: the cached prefix from the pages, then the new rows."""
+    # 1. the cached prefix, gathered through the block table (visible to every query of the tile)
     full_end = (prefix // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _extend_tile(
@@ -823,13 +795,7 @@ def _extend_new_kv_kernel(
             stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd, stride_mq, stride_mk, qk_scale,
             HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_MASK, USE_TMA, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(
-        Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    return acc, l_i, m_i
 
 
 @functools.lru_cache(maxsize=None)
@@ -941,50 +907,17 @@ def paged_prefill_attention_triton(
         mask_strides = mask.stride()
     if cfg.new_kv not in NEW_KV_MODES:
         raise ValueError(f"ExtendConfig.new_kv must be one of {NEW_KV_MODES}, got {cfg.new_kv!r}")
-    if k_new is not None and cfg.new_kv != "paged":
-        return _launch_new_kv(q, k_cache, v_cache, k_new, v_new, block_tables, context_lens, query_start_loc,
-                              out, mask, mask_strides, scale, num_m_blocks, custom_mask is not None, cfg)  # fmt: skip
-    _extend_kernel[(num_heads, batch, num_m_blocks)](
-        q, k_cache, v_cache, block_tables, context_lens.contiguous(), query_start_loc.contiguous(), out, mask,
-        scale * LOG2E, num_m_blocks,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(), *mask_strides,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
-        HAS_MASK=custom_mask is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return out
-
-
-def _launch_new_kv(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    out: torch.Tensor,
-    mask: torch.Tensor,
-    mask_strides: tuple[int, ...],
-    scale: float,
-    num_m_blocks: int,
-    has_mask: bool,
-    cfg: ExtendConfig,
-) -> torch.Tensor:
-    """``_extend_new_kv_kernel``: descriptors for Q/K/V where ``cfg.new_kv == "tma"`` and all three allow
-    one, else pointer loads of the same rows."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
+    new_kv = k_new is not None and cfg.new_kv != "paged"
     descs = None
-    if cfg.new_kv == "tma" and tma_available(q.device):
+    if new_kv and cfg.new_kv == "tma" and tma_available(q.device):
         descs = (_descriptor(q, cfg.block_m, head_dim), _descriptor(k_new, cfg.block_n, head_dim),
                  _descriptor(v_new, cfg.block_n, head_dim))  # fmt: skip
-        if any(d is None for d in descs):
+        if any(d is None for d in descs):  # a layout no descriptor can describe: pointer loads instead
             descs = None
+    if not new_kv:  # placeholders, never read (NEW_KV=False)
+        k_new, v_new = q[:, :num_kv_heads], q[:, :num_kv_heads]
     q_desc, k_arg, v_arg = (None, k_new, v_new) if descs is None else descs
-    _extend_new_kv_kernel[(num_heads, context_lens.shape[0], num_m_blocks)](
+    _extend_kernel[(num_heads, batch, num_m_blocks)](
         q, q_desc, k_cache, v_cache, k_arg, v_arg, block_tables, context_lens.contiguous(),
         query_start_loc.contiguous(), out, mask,
         scale * LOG2E, num_m_blocks,
@@ -992,7 +925,7 @@ def _launch_new_kv(
         *block_tables.stride(), *out.stride(), *mask_strides,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg.block_m, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
-        HAS_MASK=has_mask, USE_TMA=descs is not None,
+        HAS_MASK=custom_mask is not None, NEW_KV=new_kv, USE_TMA=descs is not None,
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
