@@ -230,10 +230,7 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has >= 1 valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
         v = tl.load(
             v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
             mask=kv_mask,
@@ -525,6 +522,18 @@ NEW_KV_MODES = ("tma", "pointer", "paged")
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i, GUARD: tl.constexpr):
+    """One tile of base-2 online softmax: (p, alpha, new sum, new max), alpha rescaling what was summed
+    before. GUARD: a row that has seen no visible key yet (max -inf) keeps max 0, avoiding inf - inf."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if GUARD:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _extend_tile(
     acc, l_i, m_i, q, k_base, v_base, table, offs_m, n0,
     context_len, prefix, q_row0, Mask,
@@ -566,13 +575,7 @@ def _extend_tile(
         else:
             visible = (offs_n[None, :] <= pos_q[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: avoid inf - inf
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, MASKED)
     v = tl.load(
         v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
         mask=kv_mask,
@@ -625,13 +628,7 @@ def _extend_new_tile(
         else:
             visible = (offs_j[None, :] <= offs_m[:, None]) & j_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: avoid inf - inf
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, MASKED)
     if USE_TMA:
         v = VNew.load([q_row0 + j0, kv_head * HEAD_DIM])
         if MASKED:
