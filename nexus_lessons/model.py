@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention_mask, sdpa
-
 from .config import ModelConfig, llama3_inv_freq
 
 GEMV_SITES = ("attention", "mlp", "lm_head")  # qkv + o_proj, gate_up + down, norm + lm_head: Transformer.fuse_projections
