@@ -1,0 +1,164 @@
+"""Where paged decode loses its last few percent to SDPA: waves, occupancy, and the read ceiling.
+
+    python -m nexus_lessons.bench.decode_waves --out course/results
+
+A diagnostic for lesson 02's decode kernel (H200, the benchmark's heads: Hq 32, Hkv 8, D 128, bf16,
+16-token pages, shuffled tables). It measures, in one run:
+
+* the read ceiling: a streaming-read Triton kernel over 2 GB (GB/s read), beside the copy bandwidth the
+  benchmark divides by (read + write): decode only reads, so it can pass 100% of "copy";
+* the compiled decode kernel's registers, spills and shared memory, hence programs per SM;
+* wave quantisation: ours and SDPA at batch sizes around the benchmark's (B x Hkv programs against
+  ``programs per SM x SMs`` slots). If the last partial wave is what costs us, %-of-copy jumps at the
+  batches whose program count fills whole waves, and SDPA (which splits to balance) does not;
+* which kernels SDPA launches for each benchmark case (torch.profiler names).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .common import copy_bandwidth_gbs, environment, save_json
+from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, time_graph
+
+WAVE_CASES = [(56, 4096), (60, 4096), (64, 4096), (66, 4096), (68, 4096), (72, 4096),
+              (240, 1024), (248, 1024), (256, 1024), (264, 1024), (272, 1024), (1, 32768)]  # fmt: skip
+
+
+@triton.jit
+def _read_kernel(X, Out, n, BLOCK: tl.constexpr):
+    """Each program sums every grid-th BLOCK of X: reads only, one float written per program."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(Out + pid, tl.sum(acc, 0))
+
+
+def read_bandwidth_gbs(nbytes: int = 2 << 30) -> dict[str, float]:
+    x = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out: dict[str, float] = {}
+    for per_sm, block in ((4, 4096), (8, 4096), (16, 2048)):
+        grid = sms * per_sm
+        partial = torch.empty(grid, device="cuda", dtype=torch.float32)
+
+        def run(grid=grid, partial=partial, block=block):
+            _read_kernel[(grid,)](x, partial, x.numel(), BLOCK=block, num_warps=8)
+
+        ms = time_graph(run)
+        out[f"{per_sm}/SM block={block}"] = round(nbytes / ms / 1e6, 1)
+    ms = time_graph(lambda: x.sum())
+    out["torch.sum"] = round(nbytes / ms / 1e6, 1)
+    return out
+
+
+def compiled_kernels(fn: Any) -> list[dict[str, Any]]:
+    """Registers, spills and shared memory of every compiled variant of a @triton.jit function."""
+    found = []
+    for cache in getattr(fn, "device_caches", {}).values():
+        for part in cache if isinstance(cache, tuple) else (cache,):
+            if isinstance(part, dict):
+                for kernel in part.values():
+                    if hasattr(kernel, "n_regs"):
+                        meta = kernel.metadata
+                        found.append(dict(name=getattr(meta, "name", "?"), n_regs=kernel.n_regs,
+                                          n_spills=kernel.n_spills, shared=getattr(meta, "shared", None),
+                                          num_warps=getattr(meta, "num_warps", None),
+                                          num_stages=getattr(meta, "num_stages", None)))  # fmt: skip
+    return found
+
+
+def sdpa_kernel_names(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+        torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if e.device_type.name == "CUDA"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..kernels.paged_attention import _decode_split_kernel, decode_plan, default_decode_config, num_sms
+    from ..kernels.paged_attention import paged_decode_attention_triton as ours
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="course/results")
+    ap.add_argument(
+        "--once",
+        nargs=2,
+        type=int,
+        metavar=("BATCH", "CONTEXT"),
+        help="run ours and SDPA once at this shape and exit (for a profiler such as ncu)",
+    )
+    args = ap.parse_args(argv)
+    if args.once:
+        batch, context = args.once
+        data = paged_cache([context] * batch, seed=0)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+        ours(q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
+        F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)
+        torch.cuda.synchronize()
+        return 0
+    path = Path(args.out) / "decode_waves_h200.json"
+    res: dict[str, Any] = dict(benchmark="decode_waves", environment=environment(), cases=[])
+    res["copy_gbs"] = copy_bandwidth_gbs()
+    res["read_gbs"] = read_bandwidth_gbs()
+    print("copy", res["copy_gbs"], "read", res["read_gbs"], flush=True)
+    sms = num_sms(torch.device("cuda"))
+    for batch, context in WAVE_CASES:
+        data = paged_cache([context] * batch, seed=batch + context)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+        pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
+        cfg = default_decode_config(DTYPE, D, q.device)
+        splits, _ = decode_plan(batch, HKV, context, sms, cfg)
+
+        def sdpa(q=q, data=data):
+            return F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[
+                :, :, 0
+            ]
+
+        err = max_err(ours(*pargs), sdpa())
+        nbytes = decode_bytes(batch, context)
+        t_ours, t_sdpa = time_graph(lambda pargs=pargs: ours(*pargs)), time_graph(sdpa)
+        row = dict(batch=batch, context=context, programs=batch * HKV * splits, splits=splits, max_abs_err=err,
+                   ours_ms=round(t_ours, 5), sdpa_ms=round(t_sdpa, 5),
+                   ours_pct_copy=round(100 * nbytes / t_ours / 1e6 / res["copy_gbs"], 1),
+                   sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / res["copy_gbs"], 1),
+                   speedup_vs_sdpa=round(t_sdpa / t_ours, 3))  # fmt: skip
+        if (batch, context) in ((64, 4096), (256, 1024), (1, 32768)):
+            row["sdpa_kernels"] = sdpa_kernel_names(q, data["k"], data["v"])
+        res["cases"].append(row)
+        print(row, flush=True)
+        del data
+        torch.cuda.empty_cache()
+        save_json(res, path)
+    res["decode_kernels"] = compiled_kernels(_decode_split_kernel)
+    props = torch.cuda.get_device_properties(0)
+    res["device"] = dict(sms=sms, smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", None),
+                         regs_per_sm=getattr(props, "regs_per_multiprocessor", None))  # fmt: skip
+    for k in res["decode_kernels"]:
+        regs_limit = (res["device"]["regs_per_sm"] or 65536) // max(
+            1, k["n_regs"] * 32 * (k["num_warps"] or 4)
+        )
+        smem = res["device"]["smem_per_sm"] or 233472
+        k["programs_per_sm"] = min(
+            regs_limit, smem // max(1, (k["shared"] or 0) + 1024), 32 // (k["num_warps"] or 4)
+        )
+    print(res["decode_kernels"], flush=True)
+    save_json(res, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
