@@ -12,6 +12,10 @@ A diagnostic for lesson 02's decode kernel (H200, the benchmark's heads: Hq 32, 
   ``programs per SM x SMs`` slots). If the last partial wave is what costs us, %-of-copy jumps at the
   batches whose program count fills whole waves, and SDPA (which splits to balance) does not;
 * which kernels SDPA launches for each benchmark case (torch.profiler names).
+
+``--cases streamk --name decode_streamk_h200.json``: the stream-K schedule (``kernels/decode_streamk.py``)
+and its variants beside the split schedule and SDPA, at the benchmark's shapes, one past a full wave
+(68 x 4096, 272 x 1024), 8 x 32k, and two batches of mixed lengths.
 """
 
 from __future__ import annotations
@@ -25,11 +29,30 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..kernels import paged_decode_attention_ref
+from ..kernels.paged_attention import DecodeConfig
 from .common import copy_bandwidth_gbs, environment, save_json
 from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, time_graph
 
+# (batch, context); context 0: mixed lengths
+STREAMK_CASES = [(64, 4096), (68, 4096), (256, 1024), (272, 1024), (1, 32768), (8, 32768), (64, 0), (200, 0)]
 WAVE_CASES = [(56, 4096), (60, 4096), (64, 4096), (66, 4096), (68, 4096), (72, 4096),
               (240, 1024), (248, 1024), (256, 1024), (264, 1024), (272, 1024), (1, 32768)]  # fmt: skip
+
+SK = dict(schedule="streamk")
+STREAMK_VARIANTS = [
+    ("streamk", DecodeConfig(**SK)),
+    ("streamk fused", DecodeConfig(fused_merge=True, **SK)),
+    ("streamk prefetch", DecodeConfig(prefetch_ids=True, **SK)),
+    ("streamk prefetch fused", DecodeConfig(prefetch_ids=True, fused_merge=True, **SK)),
+    ("streamk prefetch stages=4", DecodeConfig(num_stages=4, prefetch_ids=True, **SK)),
+    ("streamk prefetch stages=2", DecodeConfig(num_stages=2, prefetch_ids=True, **SK)),
+    ("streamk block_n=32 prefetch stages=4", DecodeConfig(block_n=32, num_stages=4, prefetch_ids=True, **SK)),
+    ("streamk block_n=128 warps=8 prefetch", DecodeConfig(block_n=128, num_warps=8, prefetch_ids=True, **SK)),
+    ("streamk 2/SM", DecodeConfig(programs_per_sm=2, **SK)),
+    ("streamk prefetch 2/SM", DecodeConfig(prefetch_ids=True, programs_per_sm=2, **SK)),
+    ("streamk evict_first", DecodeConfig(evict_first=True, **SK)),
+]
 
 
 @triton.jit
@@ -101,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("BATCH", "CONTEXT"),
         help="run ours and SDPA once at this shape and exit (for a profiler such as ncu)",
     )
+    ap.add_argument(
+        "--cases",
+        choices=("waves", "streamk"),
+        default="waves",
+        help="waves: the batch sweep around one wave; streamk: the stream-K schedule's variants",
+    )
+    ap.add_argument("--name", default="decode_waves_h200.json", help="the JSON file written under --out")
     args = ap.parse_args(argv)
     if args.once:
         batch, context = args.once
@@ -110,39 +140,69 @@ def main(argv: list[str] | None = None) -> int:
         F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)
         torch.cuda.synchronize()
         return 0
-    path = Path(args.out) / "decode_waves_h200.json"
+    path = Path(args.out) / args.name
     res: dict[str, Any] = dict(benchmark="decode_waves", environment=environment(), cases=[])
     res["copy_gbs"] = copy_bandwidth_gbs()
     res["read_gbs"] = read_bandwidth_gbs()
     print("copy", res["copy_gbs"], "read", res["read_gbs"], flush=True)
     sms = num_sms(torch.device("cuda"))
-    for batch, context in WAVE_CASES:
-        data = paged_cache([context] * batch, seed=batch + context)
+    cases = WAVE_CASES if args.cases == "waves" else STREAMK_CASES
+    for batch, context in cases:
+        mixed = context == 0  # mixed lengths: uniform in [1, 8192), a fixed draw
+        g = torch.Generator().manual_seed(batch)
+        lens = torch.randint(1, 8192, (batch,), generator=g).tolist() if mixed else [context] * batch
+        data = paged_cache(lens, seed=batch + context)
         q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
         pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
         cfg = default_decode_config(DTYPE, D, q.device)
-        splits, _ = decode_plan(batch, HKV, context, sms, cfg)
+        splits, _ = decode_plan(batch, HKV, max(lens), sms, cfg)
 
         def sdpa(q=q, data=data):
             return F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[
                 :, :, 0
             ]
 
-        err = max_err(ours(*pargs), sdpa())
-        nbytes = decode_bytes(batch, context)
-        t_ours, t_sdpa = time_graph(lambda pargs=pargs: ours(*pargs)), time_graph(sdpa)
-        row = dict(batch=batch, context=context, programs=batch * HKV * splits, splits=splits, max_abs_err=err,
-                   ours_ms=round(t_ours, 5), sdpa_ms=round(t_sdpa, 5),
-                   ours_pct_copy=round(100 * nbytes / t_ours / 1e6 / res["copy_gbs"], 1),
-                   sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / res["copy_gbs"], 1),
-                   speedup_vs_sdpa=round(t_sdpa / t_ours, 3))  # fmt: skip
-        if (batch, context) in ((64, 4096), (256, 1024), (1, 32768)):
-            row["sdpa_kernels"] = sdpa_kernel_names(q, data["k"], data["v"])
+        want = sdpa() if not mixed else paged_decode_attention_ref(*pargs)
+        nbytes = decode_bytes(batch, sum(lens) / batch)
+
+        def pct(ms: float, nbytes: float = nbytes) -> float:
+            return round(100 * nbytes / ms / 1e6 / res["copy_gbs"], 1)
+
+        t_ours = time_graph(lambda pargs=pargs: ours(*pargs))
+        row = dict(batch=batch, context="mixed 1-8191" if mixed else context, tokens=sum(lens),
+                   programs=batch * HKV * splits, splits=splits, max_abs_err=max_err(ours(*pargs), want),
+                   ours_ms=round(t_ours, 5), ours_pct_copy=pct(t_ours))  # fmt: skip
+        if not mixed:
+            t_sdpa = time_graph(sdpa)
+            row.update(
+                sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), speedup_vs_sdpa=round(t_sdpa / t_ours, 3)
+            )
+            if (batch, context) in ((64, 4096), (256, 1024), (1, 32768)):
+                row["sdpa_kernels"] = sdpa_kernel_names(q, data["k"], data["v"])
+        if args.cases == "streamk":
+            row["streamk"] = []
+            for label, vcfg in STREAMK_VARIANTS:
+                try:
+                    err = max_err(ours(*pargs, config=vcfg), want)
+                    assert err <= 2e-2, f"max abs error {err}"
+                    ms = time_graph(lambda pargs=pargs, vcfg=vcfg: ours(*pargs, config=vcfg))
+                    entry = dict(variant=label, ms=round(ms, 5), pct_copy=pct(ms), max_abs_err=err,
+                                 vs_split=round(t_ours / ms, 3))  # fmt: skip
+                    if not mixed:
+                        entry["vs_sdpa"] = round(row["sdpa_ms"] / ms, 3)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails must not stop the sweep
+                    entry = dict(variant=label, error=f"{type(exc).__name__}: {exc}"[:500])
+                row["streamk"].append(entry)
+                print("  ", entry, flush=True)
         res["cases"].append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k != "streamk"}, flush=True)
         del data
         torch.cuda.empty_cache()
         save_json(res, path)
+    from ..kernels import decode_streamk
+
+    res["streamk_programs_per_sm"] = [dict(zip(("device", "meta"), (k[0], dict(k[1:]))), fits=v)
+                                      for k, v in decode_streamk._FITS.items()]  # fmt: skip
     res["decode_kernels"] = compiled_kernels(_decode_split_kernel)
     props = torch.cuda.get_device_properties(0)
     res["device"] = dict(sms=sms, smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", None),

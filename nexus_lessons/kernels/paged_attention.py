@@ -146,6 +146,70 @@ class DecodeConfig:
     # Load the next tile's block ids one iteration ahead: the pipeliner then multi-buffers the gathered K/V
     # (without it, one buffer at any num_stages). None: on exactly when the context is split (decode_plan).
     prefetch_ids: bool | None = None
+    # "split": a grid of B x Hkv x splits programs (flash-decoding); "streamk": one wave of
+    # programs_per_sm x SMs programs sharing all the tiles evenly (``decode_streamk.py``).
+    schedule: str = "split"
+    programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
+
+
+@triton.jit
+def _decode_range(
+    q, table, k_base, v_base, start, end, qk_scale,
+    stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr,
+):  # fmt: skip
+    """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
+
+    ``table`` is that sequence's block-table row, ``k_base``/``v_base`` the caches offset to the KV head.
+    Shared by the split kernel and the stream-K kernel (``decode_streamk.py``); inlined into both.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
+        first = start + tl.arange(0, BLOCK_N)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < end, other=0)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # Gather: token -> (physical block, offset in block) through this sequence's block table.
+        if PREFETCH_IDS:
+            # Block ids one tile ahead, carried by the loop: the K/V loads' addresses then come from the
+            # previous iteration, so the pipeliner gives them num_stages - 1 buffers instead of treating
+            # them as indirect loads (one buffer at 3 stages: one tile in flight per program).
+            block = next_block.to(tl.int64)
+            ahead = offs_n + BLOCK_N
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+        else:
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        in_block = offs_n % PAGE_SIZE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
+            mask=kv_mask,
+            other=0.0,
+            eviction_policy=EVICT,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
+        v = tl.load(
+            v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
+            mask=kv_mask,
+            other=0.0,
+            eviction_policy=EVICT,
+        )
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -196,52 +260,12 @@ def _decode_split_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = BlockTables + b.to(tl.int64) * stride_btb
-    k_base = KCache + kv_head * stride_kch
-    v_base = VCache + kv_head * stride_vch
-    if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
-        first = start + tl.arange(0, BLOCK_N)
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < end, other=0)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        # Gather: token -> (physical block, offset in block) through this sequence's block table.
-        if PREFETCH_IDS:
-            # Block ids one tile ahead, carried by the loop: the K/V loads' addresses then come from the
-            # previous iteration, so the pipeliner gives them num_stages - 1 buffers instead of treating
-            # them as indirect loads (one buffer at 3 stages: one tile in flight per program).
-            block = next_block.to(tl.int64)
-            ahead = offs_n + BLOCK_N
-            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
-        else:
-            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
-        in_block = offs_n % PAGE_SIZE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
-            mask=kv_mask,
-            other=0.0,
-            eviction_policy=EVICT,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
-        v = tl.load(
-            v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
-            mask=kv_mask,
-            other=0.0,
-            eviction_policy=EVICT,
-        )
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
-        m_i = m_new
-
+    acc, m_i, l_i = _decode_range(
+        q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, qk_scale,
+        stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+        HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+    )  # fmt: skip
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -439,7 +463,8 @@ def paged_decode_attention_triton(
     max_context_len: int | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``paged_decode_attention_ref``; ``num_splits`` forces the split count.
+    """Triton twin of ``paged_decode_attention_ref``; ``num_splits`` forces the split count (and with it
+    the split schedule, whatever ``config.schedule`` says).
 
     ``max_context_len`` (an upper bound on ``context_lens``) only steers the split heuristic; without it
     the block table's width is used, so nothing has to be read back from the GPU.
@@ -449,6 +474,13 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
     cfg = config or default_decode_config(q.dtype, head_dim, q.device)
+    if cfg.schedule not in ("split", "streamk"):
+        raise ValueError(f"DecodeConfig.schedule must be 'split' or 'streamk', got {cfg.schedule!r}")
+    if cfg.schedule == "streamk" and num_splits is None:
+        from .decode_streamk import MAX_BATCH, paged_decode_attention_streamk
+
+        if batch <= MAX_BATCH:
+            return paged_decode_attention_streamk(q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg)
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * k_cache.shape[1]
     planned, prefetch = decode_plan(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg)

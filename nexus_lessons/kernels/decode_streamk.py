@@ -1,0 +1,297 @@
+"""Stream-K decode attention: one full wave of programs shares the whole batch's KV work evenly.
+
+Why. The split kernel (``paged_attention.py``) launches B x Hkv x splits programs, so its speed depends on
+how that count falls against the programs the GPU holds at once. On the H200 (``decode_waves_h200.json``,
+4 programs per SM fit): 64 x 4096 is 512 programs, one wave 97% full, 101.8% of copy bandwidth; 68 x 4096
+is 544, and the 16 left over run as a second wave while 516 slots idle: 72.9%. A real batch has any size
+and mixed lengths. cuDNN's SDPA, our peer, schedules long contexts the same way as here ("lean attention").
+
+The scheme (Stream-K, Osama et al. 2023; LeanAttention, Sanovar et al. 2024):
+
+* Work is counted in tiles of BLOCK_N tokens of one (sequence, KV head) "unit". Sequence b has Hkv units
+  of ``cdiv(len_b, BLOCK_N)`` tiles; all units laid end to end (sequence major, head minor) make T tiles.
+* P programs (``programs_per_sm`` x SMs: one wave; fewer if T is smaller) take the tiles
+  ``[p*T//P, (p+1)*T//P)`` each, crossing unit boundaries as they go. Every program computes the layout
+  itself from ``context_lens`` (a cumulative sum in registers), so nothing is planned on the host and the
+  launch is the same for every step: CUDA-graph friendly.
+* A unit that lies inside one program is written directly. A unit cut by program boundaries leaves one
+  partial (normalised output, base-2 log-sum-exp) per piece: in slot 2p if it is program p's first
+  segment, 2p + 1 if its last. The pieces' owners are p_first..p_last, computed from T and P alone, so the
+  merge needs no bookkeeping: a second kernel (one program per unit, most exit at once), or
+  (``fused_merge``) whichever piece finishes last, found with an arrival counter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import (
+    LOG2E,
+    DecodeConfig,
+    _decode_range,
+    _dot_precision,
+    _upcast,
+    default_decode_config,
+    merge_counters,
+    num_sms,
+)
+
+MAX_BATCH = 4096  # every program holds the batch's lengths in registers: [next_pow2(B)] int64
+
+
+@triton.jit
+def _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offsets, tiles per unit, first tile, per sequence; total tiles T)."""
+    offs_b = tl.arange(0, BLOCK_B)
+    lens = tl.load(ContextLens + offs_b, mask=offs_b < batch, other=0)
+    unit_tiles = tl.cdiv(lens, BLOCK_N).to(tl.int64)
+    seq_tiles = unit_tiles * num_kv_heads
+    first = tl.cumsum(seq_tiles, 0) - seq_tiles
+    return offs_b, unit_tiles, first, tl.sum(seq_tiles, 0)
+
+
+@triton.jit
+def _owner(tile, total, programs):
+    """The program whose range [p*T//P, (p+1)*T//P) holds ``tile``: the largest p with p*T//P <= tile."""
+    return ((tile + 1) * programs - 1) // total
+
+
+@triton.jit
+def _merge_unit(
+    PartialOut, PartialLse, Out, b, kv_head, unit0, unit_tiles, total, programs,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BYPASS_L1: tl.constexpr,
+):  # fmt: skip
+    """Out for one unit = its pieces' partials weighted by 2^(lse - lse_total), BLOCK_P pieces at a time.
+
+    BYPASS_L1 (fused merge): the partials were written by other SMs during this launch, so read them from
+    L2 (``.cg``), never from a line this SM's L1 might hold.
+    """
+    p_first = _owner(unit0, total, programs)
+    p_last = _owner(unit0 + unit_tiles - 1, total, programs)
+    # p_first's piece is its first segment only if its range starts exactly at this unit.
+    first_slot = 2 * p_first + (p_first * total // programs != unit0).to(tl.int64)
+    offs_g = tl.arange(0, MERGE_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    m = tl.full([MERGE_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([MERGE_G], tl.float32)
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    for p0 in range(p_first, p_last + 1, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        slots = tl.where(ps == p_first, first_slot, 2 * ps)
+        pg_mask = (ps <= p_last)[:, None] & g_mask[None, :]
+        lse = tl.load(PartialLse + slots[:, None] * GROUP + offs_g[None, :], mask=pg_mask, other=float("-inf"),
+                      cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
+        parts = tl.load(
+            PartialOut
+            + (slots[:, None, None] * GROUP + offs_g[None, :, None]) * HEAD_DIM
+            + offs_d[None, None, :],
+            mask=pg_mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM),
+            other=0.0,
+            cache_modifier=".cg" if BYPASS_L1 else "",
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded heads: no piece, keep inf - inf away
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new[None, :])  # [BLOCK_P, MERGE_G]
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * parts, 0)
+        l_sum = l_sum * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(g_mask, l_sum, 1.0)[:, None]
+    heads = kv_head * GROUP + offs_g
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=gd_mask)  # fmt: skip
+
+
+@triton.jit
+def _decode_streamk_kernel(
+    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
+    qk_scale, batch, num_kv_heads, max_programs,
+    stride_qb, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_btb, stride_btn,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, FUSED_MERGE: tl.constexpr,
+):  # fmt: skip
+    """Program p: tiles [p*T//P, (p+1)*T//P) of the batch's work, one segment per unit it touches."""
+    pid = tl.program_id(0)
+    offs_b, unit_tiles, first, total = _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B, BLOCK_N)
+    programs = tl.minimum(max_programs, total)  # P <= T: no program is left without a tile
+    if pid < programs:
+        lo = pid * total // programs
+        hi = (pid + 1) * total // programs
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < GROUP
+        gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        t = lo
+        while t < hi:
+            # Which unit holds tile t: the last sequence starting at or before it, then the head.
+            b = tl.sum(tl.where((first <= t) & (offs_b < batch), 1, 0), 0) - 1
+            n = tl.sum(tl.where(offs_b == b, unit_tiles, 0), 0)
+            kv_head = (t - tl.sum(tl.where(offs_b == b, first, 0), 0)) // n
+            unit0 = tl.sum(tl.where(offs_b == b, first, 0), 0) + kv_head * n
+            seg_end = tl.minimum(hi, unit0 + n)
+            context_len = tl.load(ContextLens + b)
+            start = ((t - unit0) * BLOCK_N).to(tl.int32)
+            end = tl.minimum((seg_end - unit0) * BLOCK_N, context_len).to(tl.int32)
+            heads = kv_head * GROUP + offs_g
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                        mask=gd_mask, other=0.0)  # fmt: skip
+            if UPCAST:
+                q = q.to(tl.float32)
+            acc, m_i, l_i = _decode_range(
+                q, BlockTables + b.to(tl.int64) * stride_btb, KCache + kv_head * stride_kch,
+                VCache + kv_head * stride_vch, start, end, qk_scale,
+                stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+                HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+            )  # fmt: skip
+            out = acc / l_i[:, None]  # every segment holds >= 1 token, so l_i > 0 (padded heads too)
+            if (t == unit0) & (seg_end == unit0 + n):
+                tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                         out.to(Out.dtype.element_ty), mask=gd_mask)  # fmt: skip
+            else:
+                slot = 2 * pid + (t != lo).to(tl.int32)
+                tl.store(
+                    PartialOut + (slot * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+                    out,
+                    mask=gd_mask,
+                )
+                tl.store(PartialLse + slot * GROUP + offs_g, m_i + tl.log2(l_i), mask=g_mask)
+                if FUSED_MERGE:
+                    # Stores happen-before the barrier; the atomic's release (gpu scope) publishes them.
+                    # The piece that sees pieces - 1 arrivals is the last; its acquire sees all partials.
+                    tl.debug_barrier()
+                    pieces = _owner(unit0 + n - 1, total, programs) - _owner(unit0, total, programs) + 1
+                    counter = Counters + b * num_kv_heads + kv_head
+                    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                    if arrived == pieces - 1:
+                        tl.debug_barrier()
+                        _merge_unit(PartialOut, PartialLse, Out, b, kv_head, unit0, n, total, programs,
+                                    stride_ob, stride_oh, stride_od,
+                                    GROUP, HEAD_DIM, MERGE_G, BLOCK_D, BLOCK_P, True)  # fmt: skip
+                        tl.store(counter, 0)  # reset for the next launch
+            t = seg_end
+
+
+@triton.jit
+def _streamk_merge_kernel(
+    PartialOut, PartialLse, Out, ContextLens, batch, num_kv_heads, max_programs,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, MERGE_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv_head): merge that unit's pieces if programs cut it; otherwise it is done already."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_b, unit_tiles, first, total = _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B, BLOCK_N)
+    programs = tl.minimum(max_programs, total)
+    n = tl.sum(tl.where(offs_b == b, unit_tiles, 0), 0)
+    unit0 = tl.sum(tl.where(offs_b == b, first, 0), 0) + kv_head * n
+    if _owner(unit0, total, programs) != _owner(unit0 + n - 1, total, programs):
+        _merge_unit(PartialOut, PartialLse, Out, b, kv_head, unit0, n, total, programs,
+                    stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, MERGE_G, BLOCK_D, BLOCK_P, False)  # fmt: skip
+
+
+_FITS: dict[tuple, int] = {}
+
+
+def programs_per_sm(kernel: Any, args: tuple, meta: dict[str, Any], device: torch.device) -> int:
+    """How many programs of this compiled variant one SM holds at once, by registers, shared memory and warps.
+
+    The grid must be exactly one wave: a program that waits for a free slot would run after the others,
+    doubling the time of its tiles. Compiles without launching (``warmup``), once per variant. The
+    interpreter has no compiled kernel; it runs programs one by one, so any count is "one wave" there.
+    """
+    if device.type != "cuda" or not hasattr(kernel, "warmup"):
+        return 4
+    key = (device.index, *sorted(meta.items()))
+    if key not in _FITS:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()  # fills n_regs
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs_per_warp = math.ceil(max(1, compiled.n_regs) * 32 / 256) * 256  # allocated 256 at a time
+        by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
+        by_smem = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
+        by_warps = props.max_threads_per_multi_processor // (32 * warps)
+        _FITS[key] = max(1, min(by_regs, by_smem, by_warps, 32))
+    return _FITS[key]
+
+
+def paged_decode_attention_streamk(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_programs: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``paged_decode_attention_ref`` on the stream-K schedule (arguments already checked).
+
+    ``num_programs`` overrides the grid (tests use it to cut units in many places); every program gets
+    at least one tile, so more programs than tiles just means fewer run.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    cfg = config or default_decode_config(q.dtype, head_dim, q.device)
+    if batch > MAX_BATCH:
+        raise ValueError(f"the stream-K decode holds at most {MAX_BATCH} sequences, got {batch}")
+    if num_programs is not None and num_programs < 1:
+        raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    counters = merge_counters(q.device, batch * num_kv_heads) if cfg.fused_merge else context_lens
+    lens = context_lens.contiguous()
+    block_b = max(16, triton.next_power_of_2(batch))
+    block_d = triton.next_power_of_2(head_dim)
+    merge_g = triton.next_power_of_2(group)
+    block_p = max(2, min(64, 4096 // (merge_g * block_d)))  # <= 32 fp32 per thread for the pieces at 4 warps
+    meta = dict(
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_B=block_b,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), MERGE_G=merge_g, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        BLOCK_P=block_p, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        EVICT="evict_first" if cfg.evict_first else "", PREFETCH_IDS=bool(cfg.prefetch_ids),
+        FUSED_MERGE=cfg.fused_merge, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    def launch_args(programs: int, partial: torch.Tensor, lse: torch.Tensor) -> tuple:
+        return (q, k_cache, v_cache, block_tables, lens, out, partial, lse, counters,
+                scale * LOG2E, batch, num_kv_heads, programs,
+                *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride())  # fmt: skip
+
+    programs = num_programs
+    if programs is None:
+        per_sm = cfg.programs_per_sm or programs_per_sm(
+            _decode_streamk_kernel, launch_args(1, out, out), meta, q.device
+        )
+        programs = per_sm * num_sms(q.device)
+    partial = torch.empty(2 * programs, group, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(2 * programs, group, device=q.device, dtype=torch.float32)
+    _decode_streamk_kernel[(programs,)](*launch_args(programs, partial, lse), **meta)
+    if not cfg.fused_merge:
+        _streamk_merge_kernel[(batch, num_kv_heads)](
+            partial, lse, out, lens, batch, num_kv_heads, programs, *out.stride(),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_B=block_b, MERGE_G=merge_g, BLOCK_D=block_d,
+            BLOCK_N=cfg.block_n, BLOCK_P=block_p, num_warps=4,
+        )  # fmt: skip
+    return out
