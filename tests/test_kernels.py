@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,7 +41,8 @@ from nexus_lessons.kernels import dispatch  # noqa: E402
 
 TRITON_OK = pa is not None and (HAS_CUDA or pa.interpreting())
 needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton kernels unavailable (no triton, or it was imported before TRITON_INTERPRET=1)"
+    not TRITON_OK,
+    reason="Triton kernels unavailable (no triton, or it was imported before TRITON_INTERPRET=1)",
 )
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -114,7 +116,11 @@ def oracle_decode(q, k_cache, v_cache, tables, lens, scale=None):
     out = []
     for b, n in enumerate(lens.tolist()):
         k, v = gather64(k_cache, tables[b], n), gather64(v_cache, tables[b], n)
-        out.append(oracle_attention(q[b : b + 1], k, v, torch.ones(1, n, dtype=torch.bool, device=q.device), scale)[0])
+        out.append(
+            oracle_attention(q[b : b + 1], k, v, torch.ones(1, n, dtype=torch.bool, device=q.device), scale)[
+                0
+            ]
+        )
     return torch.stack(out)
 
 
@@ -178,7 +184,9 @@ def test_write_kv_cache(impl, dtype):
             continue
         assert torch.equal(k_cache[s // bs, s % bs], k[i]) and torch.equal(v_cache[s // bs, s % bs], v[i])
         written[s // bs, s % bs] = True
-    assert not k_cache[~written].any() and not v_cache[~written].any(), "a slot that was not asked for changed"
+    assert not k_cache[~written].any() and not v_cache[~written].any(), (
+        "a slot that was not asked for changed"
+    )
 
 
 @needs_triton
@@ -186,10 +194,14 @@ def test_write_kv_cache_int32_slots_and_empty():
     k_cache, v_cache, _, _ = make_paged([8], 4, 1, 16, torch.float32)
     before = k_cache.clone()
     empty = torch.empty(0, 1, 16, device=DEV)
-    K.write_kv_cache(empty, empty, k_cache, v_cache, torch.empty(0, dtype=torch.int32, device=DEV), impl="triton")
+    K.write_kv_cache(
+        empty, empty, k_cache, v_cache, torch.empty(0, dtype=torch.int32, device=DEV), impl="triton"
+    )
     assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())
     k = torch.randn(3, 1, 16, device=DEV)
-    K.write_kv_cache(k, k, k_cache, v_cache, torch.tensor([-1, -1, 9], dtype=torch.int32, device=DEV), impl="triton")
+    K.write_kv_cache(
+        k, k, k_cache, v_cache, torch.tensor([-1, -1, 9], dtype=torch.int32, device=DEV), impl="triton"
+    )
     assert torch.equal(k_cache[2, 1], k[2])
 
 
@@ -272,10 +284,16 @@ def test_decode_prefetched_block_ids(dtype):
     base = pa.default_decode_config(dtype, d, q.device)
     for block_n in (16, 32):
         plain = pa.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
-        ahead = pa.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages, prefetch_ids=True)
+        ahead = pa.DecodeConfig(
+            block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages, prefetch_ids=True
+        )
         for splits in (1, 3, 9):
-            got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=ahead)
-            ref = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=plain)
+            got = pa.paged_decode_attention_triton(
+                q, k_cache, v_cache, tables, ctx, num_splits=splits, config=ahead
+            )
+            ref = pa.paged_decode_attention_triton(
+                q, k_cache, v_cache, tables, ctx, num_splits=splits, config=plain
+            )
             assert_close(got, want, dtype, f"prefetch block_n={block_n} splits={splits}")
             torch.testing.assert_close(got, ref, atol=TOL[dtype] / 4, rtol=0)
 
@@ -291,18 +309,94 @@ def test_decode_fused_merge(dtype):
     q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
     base = pa.default_decode_config(dtype, d, q.device)
-    fused = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=True)
+    fused = pa.DecodeConfig(
+        block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=True
+    )
     two = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=False)
     for splits in (3, 9, 17):  # 17 splits of 16-token tiles: most sequences leave some splits empty
-        a = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused)
+        a = pa.paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused
+        )
         counters = pa.merge_counters(q.device, len(lens) * hkv)
         assert not counters.any(), "the last arriver must reset every counter it used"
-        b = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused)
+        b = pa.paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused
+        )
         c = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=two)
         assert_close(a, want, dtype, f"fused splits={splits}")
         assert torch.equal(a, b), "a second call on the same workspace differs"
         torch.testing.assert_close(a, c, atol=TOL[dtype] / 4, rtol=0)
     assert not pa.DecodeConfig().fused_merge  # the default: two kernels (faster on the H200)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_streamk_matches_oracle(dtype, group, fused):
+    """Stream-K: grids of 1 program up to more programs than tiles cut the units at every place (inside a
+    page, on page and tile boundaries, several units per program and several programs per unit); random
+    signed values, NaN past every sequence's end; block ids prefetched or not; fused or two-kernel merge."""
+    bs, hkv, d = 16, 2, 32
+    lens = [1, 47, 130, 96, 16, 33]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=31 + group)
+    q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    base = pa.default_decode_config(dtype, d, q.device)
+    for prefetch in (False, True):
+        cfg = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=fused,
+                              prefetch_ids=prefetch, schedule="streamk")  # fmt: skip
+        for programs in (1, 5, 29, 1000):  # 29 tiles in all: 1000 programs leaves 971 idle
+            out = pa.paged_decode_attention_streamk(
+                q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg
+            )
+            assert_close(out, want, dtype, f"stream-K P={programs} prefetch={prefetch}")
+        if fused:
+            assert not pa.merge_counters(q.device, len(lens) * hkv).any(), (
+                "the last piece must reset its counter"
+            )
+
+
+@needs_triton
+def test_decode_schedule_choice():
+    """ "auto" keeps the split grid when it fills its last wave, and takes stream-K when that wave is thin.
+    On CPU a "GPU" has 1 SM holding 4 programs (so slots = 4): B = 5 sequences, 1 KV head, 1 split each
+    makes 5 programs = 2 waves with the second 25% full: stream-K; B = 8 fills 2 waves; B = 15 is 94%."""
+    bs, hkv, d = 16, 1, 32
+    lens = [20, 3, 64, 17, 50]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=5)
+    q = torch.randn(len(lens), 2 * hkv, d, device=DEV)
+    cfg = pa.DecodeConfig(block_n=16, num_stages=1)
+    kernel = pa._decode_split_kernel
+    assert pa.choose_schedule(cfg, 5, (5, 1, 1), kernel, (), {}, q.device) == "streamk"
+    assert pa.choose_schedule(cfg, 8, (8, 1, 1), kernel, (), {}, q.device) == "split"
+    assert pa.choose_schedule(cfg, 15, (15, 1, 1), kernel, (), {}, q.device) == "split"
+    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device) == "split"  # one wave
+    assert (
+        pa.choose_schedule(replace(cfg, schedule="split"), 5, (5, 1, 1), kernel, (), {}, q.device) == "split"
+    )
+    assert (
+        pa.choose_schedule(replace(cfg, schedule="streamk"), 3, (3, 1, 1), kernel, (), {}, q.device)
+        == "streamk"
+    )
+    calls = []
+    real = pa.paged_decode_attention_streamk
+    try:
+        pa.paged_decode_attention_streamk = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg)
+        assert calls, "auto should have taken stream-K for 5 programs on 4 slots"
+        calls.clear()
+        pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg, num_splits=1)
+        assert not calls, "a forced split count keeps the split kernel"
+    finally:
+        pa.paged_decode_attention_streamk = real
+    assert_close(out, oracle_decode(q, k_cache, v_cache, tables, ctx), torch.float32, "auto -> stream-K")
+    with pytest.raises(ValueError, match="schedule"):
+        pa.paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, ctx, config=replace(cfg, schedule="lean")
+        )
+    with pytest.raises(ValueError, match="num_programs"):
+        pa.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=0, config=cfg)
 
 
 def test_choose_num_splits():
@@ -326,7 +420,9 @@ def test_choose_num_splits():
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_queries(lens: list[int], q_lens: list[int], num_heads: int, d: int, dtype: torch.dtype, seed: int = 0):
+def make_queries(
+    lens: list[int], q_lens: list[int], num_heads: int, d: int, dtype: torch.dtype, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed + 100)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(int(qsl[-1]), num_heads, d, generator=g).to(dtype)
@@ -388,7 +484,9 @@ def new_rows(cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q_lens:
     return torch.cat(rows).contiguous()
 
 
-def poison_new_slots(cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q_lens: list[int]) -> torch.Tensor:
+def poison_new_slots(
+    cache: torch.Tensor, tables: torch.Tensor, lens: list[int], q_lens: list[int]
+) -> torch.Tensor:
     """A copy of the cache with the new tokens' slots set to NaN: a kernel told to read them from k_new
     must not touch them."""
     cache = cache.clone()
@@ -399,7 +497,11 @@ def poison_new_slots(cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
     return cache
 
 
-EXTEND_NEW_KV_MODES = ["reference", pytest.param("pointer", marks=needs_triton), pytest.param("tma", marks=needs_triton)]
+EXTEND_NEW_KV_MODES = [
+    "reference",
+    pytest.param("pointer", marks=needs_triton),
+    pytest.param("tma", marks=needs_triton),
+]
 
 
 def _extend_new_kv(mode, q, kc, vc, tables, ctx, qsl, kn, vn, mask=None, block=(32, 16)):
@@ -409,7 +511,9 @@ def _extend_new_kv(mode, q, kc, vc, tables, ctx, qsl, kn, vn, mask=None, block=(
     if mode == "tma" and not pa.tma_available(q.device):
         pytest.skip("this triton cannot run tensor descriptors here")
     cfg = pa.ExtendConfig(block_m=block[0], block_n=block[1], num_warps=4, num_stages=1, new_kv=mode)
-    return pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn, config=cfg)
+    return pa.paged_prefill_attention_triton(
+        q, kc, vc, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn, config=cfg
+    )
 
 
 @pytest.mark.parametrize("mode", EXTEND_NEW_KV_MODES)
@@ -428,14 +532,18 @@ def test_prefill_new_kv_matches_oracle(mode, dtype, group):
     q, qsl = make_queries(lens, q_lens, hkv * group, d, dtype, seed=group)
     kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
     want = oracle_prefill(q, kc, vc, tables, ctx, qsl)
-    paged = K.paged_prefill_attention(q, kc, vc, tables, ctx, qsl, impl="triton" if TRITON_OK else "reference")
+    paged = K.paged_prefill_attention(
+        q, kc, vc, tables, ctx, qsl, impl="triton" if TRITON_OK else "reference"
+    )
     kp, vp = poison_new_slots(kc, tables, lens, q_lens), poison_new_slots(vc, tables, lens, q_lens)
     out = _extend_new_kv(mode, q, kp, vp, tables, ctx, qsl, kn, vn)
     if mode == "tma":  # the descriptor path really ran (the layouts allow descriptors)
         assert all(pa._descriptor(t, 16, d) is not None for t in (q, kn, vn))
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, want, dtype, f"{mode} new_kv")
-    torch.testing.assert_close(out.double(), paged.double(), atol=TOL[dtype], rtol=0)  # the call without k_new
+    torch.testing.assert_close(
+        out.double(), paged.double(), atol=TOL[dtype], rtol=0
+    )  # the call without k_new
 
 
 @pytest.mark.parametrize("mode", EXTEND_NEW_KV_MODES)
@@ -468,12 +576,16 @@ def test_prefill_new_kv_paged_mode_and_strided_rows():
     kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
     want = oracle_prefill(q, kc, vc, tables, ctx, qsl)
     cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="paged")
-    out = pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=kn * 0, v_new=vn * 0, config=cfg)
+    out = pa.paged_prefill_attention_triton(
+        q, kc, vc, tables, ctx, qsl, k_new=kn * 0, v_new=vn * 0, config=cfg
+    )
     assert_close(out, want, torch.float32, "paged mode reads the pages")
     wide = torch.randn(kn.shape[0], hkv, 2 * d, device=DEV)
     wide[:, :, ::2] = kn
     cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="tma")
-    out = pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=wide[:, :, ::2], v_new=vn, config=cfg)
+    out = pa.paged_prefill_attention_triton(
+        q, kc, vc, tables, ctx, qsl, k_new=wide[:, :, ::2], v_new=vn, config=cfg
+    )
     assert_close(out, want, torch.float32, "strided k_new")
     assert pa._descriptor(wide[:, :, ::2], 16, d) is None
     with pytest.raises(ValueError, match="new_kv must be one of"):
@@ -494,7 +606,9 @@ def test_prefill_causal_mask_equals_causal_and_decode():
     mask[:9] = causal
     mask[9, 0] = True
     a = K.paged_prefill_attention(q, k_cache, v_cache, tables, ctx, qsl, impl="triton")
-    b = K.paged_prefill_attention(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask.to(DEV), impl="triton")
+    b = K.paged_prefill_attention(
+        q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask.to(DEV), impl="triton"
+    )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     dec = K.paged_decode_attention(q[9:], k_cache, v_cache, tables[1:], ctx[1:], impl="triton")
     torch.testing.assert_close(a[9:], dec, atol=1e-5, rtol=1e-5)
@@ -673,8 +787,10 @@ def test_gpu_decode_merge_paths(fused, pdl, prefetch):
     cfg = pa.DecodeConfig(fused_merge=fused, pdl=pdl, prefetch_ids=prefetch)
     assert pdl == "off" or pa.pdl_available(q.device), "the H200 run must exercise the PDL path"
     for splits in (2, 64, 128):
-        outs = [pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
-                for _ in range(3)]
+        outs = [
+            pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
+            for _ in range(3)
+        ]
         for o in outs:
             assert_close(o, want, torch.bfloat16, f"fused={fused} splits={splits}")
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -688,6 +804,35 @@ def test_gpu_decode_merge_paths(fused, pdl, prefetch):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, want, torch.bfloat16, f"graph replay fused={fused}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("maxnreg", [None, 128])
+def test_gpu_decode_streamk(fused, maxnreg):
+    """bf16 at the head shapes, mixed lengths (1 to 5000, not multiples of 16): the one-wave stream-K grid
+    and small grids that cut units into many pieces; repeated calls (counters back to 0) and a graph replay."""
+    lens = random_lens(random.Random(3), 37, 16, 5000) + [1, 16, 4096]
+    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=17)
+    q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    cfg = pa.DecodeConfig(schedule="streamk", fused_merge=fused, maxnreg=maxnreg)
+    for programs in (None, 7, 100):
+        outs = [pa.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg)
+                for _ in range(2)]  # fmt: skip
+        assert_close(outs[0], want, torch.bfloat16, f"stream-K P={programs} fused={fused}")
+        assert torch.equal(outs[0], outs[1])
+    torch.cuda.synchronize()
+    assert not pa.merge_counters(DEV, len(lens) * 8).any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg)
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, want, torch.bfloat16, "stream-K graph replay")
 
 
 @gpu
@@ -730,7 +875,9 @@ def test_gpu_prefill_new_kv(mode, tree):
                                                 config=cfg)  # fmt: skip
         assert_close(out, want, torch.bfloat16, f"gpu new_kv {cfg}")
         torch.testing.assert_close(out.double(), paged.double(), atol=TOL[torch.bfloat16], rtol=0)
-    out = K.paged_prefill_attention(q, kp, vp, tables, ctx, qsl, custom_mask=mask, k_new=kn, v_new=vn)  # default
+    out = K.paged_prefill_attention(
+        q, kp, vp, tables, ctx, qsl, custom_mask=mask, k_new=kn, v_new=vn
+    )  # default
     assert_close(out, want, torch.bfloat16, "gpu new_kv public default")
 
 

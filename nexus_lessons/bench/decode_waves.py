@@ -40,18 +40,18 @@ WAVE_CASES = [(56, 4096), (60, 4096), (64, 4096), (66, 4096), (68, 4096), (72, 4
               (240, 1024), (248, 1024), (256, 1024), (264, 1024), (272, 1024), (1, 32768)]  # fmt: skip
 
 SK = dict(schedule="streamk")
+SPLIT = DecodeConfig(schedule="split")  # the baseline: the split kernel whatever the grid
 STREAMK_VARIANTS = [
-    ("streamk", DecodeConfig(**SK)),
+    ("auto (the default)", DecodeConfig()),
+    ("streamk", DecodeConfig(**SK)),  # block ids prefetched
     ("streamk fused", DecodeConfig(fused_merge=True, **SK)),
-    ("streamk prefetch", DecodeConfig(prefetch_ids=True, **SK)),
-    ("streamk prefetch fused", DecodeConfig(prefetch_ids=True, fused_merge=True, **SK)),
-    ("streamk prefetch stages=4", DecodeConfig(num_stages=4, prefetch_ids=True, **SK)),
-    ("streamk prefetch stages=2", DecodeConfig(num_stages=2, prefetch_ids=True, **SK)),
-    ("streamk block_n=32 prefetch stages=4", DecodeConfig(block_n=32, num_stages=4, prefetch_ids=True, **SK)),
-    ("streamk block_n=128 warps=8 prefetch", DecodeConfig(block_n=128, num_warps=8, prefetch_ids=True, **SK)),
-    ("streamk 2/SM", DecodeConfig(programs_per_sm=2, **SK)),
-    ("streamk prefetch 2/SM", DecodeConfig(prefetch_ids=True, programs_per_sm=2, **SK)),
-    ("streamk evict_first", DecodeConfig(evict_first=True, **SK)),
+    ("streamk no-prefetch", DecodeConfig(prefetch_ids=False, **SK)),
+    ("streamk maxnreg=128", DecodeConfig(maxnreg=128, **SK)),
+    ("streamk maxnreg=128 fused", DecodeConfig(maxnreg=128, fused_merge=True, **SK)),
+    ("streamk no-prefetch maxnreg=128", DecodeConfig(prefetch_ids=False, maxnreg=128, **SK)),
+    ("streamk stages=4", DecodeConfig(num_stages=4, **SK)),
+    ("streamk block_n=32 stages=4", DecodeConfig(block_n=32, num_stages=4, **SK)),
+    ("split maxnreg=128 (prefetch when split)", DecodeConfig(maxnreg=128, schedule="split")),
 ]
 
 
@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         def pct(ms: float, nbytes: float = nbytes) -> float:
             return round(100 * nbytes / ms / 1e6 / res["copy_gbs"], 1)
 
-        t_ours = time_graph(lambda pargs=pargs: ours(*pargs))
+        t_ours = time_graph(lambda pargs=pargs: ours(*pargs, config=SPLIT))
         row = dict(batch=batch, context="mixed 1-8191" if mixed else context, tokens=sum(lens),
-                   programs=batch * HKV * splits, splits=splits, max_abs_err=max_err(ours(*pargs), want),
+                   programs=batch * HKV * splits, splits=splits, max_abs_err=max_err(ours(*pargs, config=SPLIT), want),
                    ours_ms=round(t_ours, 5), ours_pct_copy=pct(t_ours))  # fmt: skip
         if not mixed:
             t_sdpa = time_graph(sdpa)
@@ -199,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         del data
         torch.cuda.empty_cache()
         save_json(res, path)
-    from ..kernels import decode_streamk
+    from ..kernels import paged_attention
 
-    res["streamk_programs_per_sm"] = [dict(zip(("device", "meta"), (k[0], dict(k[1:]))), fits=v)
-                                      for k, v in decode_streamk._FITS.items()]  # fmt: skip
+    res["programs_per_sm"] = [
+        dict(kernel=k[0], meta=dict(k[2:]), fits=v) for k, v in paged_attention._FITS.items()
+    ]
     res["decode_kernels"] = compiled_kernels(_decode_split_kernel)
     props = torch.cuda.get_device_properties(0)
     res["device"] = dict(sms=sms, smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", None),

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from . import decode_streamk as sk
 from . import paged_attention as pa
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
@@ -49,16 +50,17 @@ class _Recorder:
 
 def record(call: Callable[[], Any]) -> list[Launch]:
     """Run a launcher with the kernels swapped for recorders; return the launches it would make."""
-    names = ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_extend_kernel"]
-    saved = {n: getattr(pa, n) for n in names}
+    names = {pa: ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_extend_kernel"],
+             sk: ["_decode_streamk_kernel", "_streamk_merge_kernel"]}  # fmt: skip
+    saved = {(mod, n): getattr(mod, n) for mod, ns in names.items() for n in ns}
     sink: list[Launch] = []
     try:
-        for n in names:
-            setattr(pa, n, _Recorder(saved[n], sink))
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, _Recorder(kernel, sink))
         call()
     finally:
-        for n, k in saved.items():
-            setattr(pa, n, k)
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, kernel)
     return sink
 
 
@@ -71,7 +73,7 @@ def compile_launch(launch: Launch, arch: int) -> dict[str, Any]:
     fn = launch.kernel
     if not hasattr(fn, "arg_names"):
         raise RuntimeError("the kernels were built by the interpreter: unset TRITON_INTERPRET and run again")
-    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in launch.kwargs}
     given = dict(zip(fn.arg_names, launch.args))
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     constexpr_names = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
@@ -134,12 +136,18 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
         return (torch.empty(4096, 16, 8, d, device=meta, dtype=dtype),) * 2
 
     def table(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(b, device=meta, dtype=torch.int32)
+        return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(
+            b, device=meta, dtype=torch.int32
+        )
 
-    def decode(dtype: torch.dtype, splits: int, d: int = 128, group: int = 4) -> Callable[[], Any]:
+    def decode(
+        dtype: torch.dtype, splits: int | None, d: int = 128, group: int = 4, **how: Any
+    ) -> Callable[[], Any]:
         q = torch.empty(64, 8 * group, d, device=meta, dtype=dtype)
-        cfg = pa.default_decode_config(dtype, d, cuda)
-        return lambda: pa.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg)
+        cfg = replace(pa.default_decode_config(dtype, d, cuda), **how)
+        return lambda: pa.paged_decode_attention_triton(
+            q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg
+        )
 
     def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
         q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)
@@ -155,7 +163,10 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
         return lambda: pa.write_kv_cache_triton(k, k, *cache(dtype), slots)
 
     out = [("write bf16", write(torch.bfloat16)), ("decode bf16 1 split", decode(torch.bfloat16, 1)),
-           ("decode bf16 8 splits", decode(torch.bfloat16, 8)), ("extend bf16 causal", extend(torch.bfloat16, False)),
+           ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
+           ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
+           ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
+           ("extend bf16 causal", extend(torch.bfloat16, False)),
            ("extend bf16 tree mask", extend(torch.bfloat16, True))]  # fmt: skip
     if not quick:
         out += [("decode fp16 64 splits", decode(torch.float16, 64)), ("decode fp32 4 splits", decode(torch.float32, 4)),

@@ -23,9 +23,6 @@ The scheme (Stream-K, Osama et al. 2023; LeanAttention, Sanovar et al. 2024):
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -37,78 +34,77 @@ from .paged_attention import (
     _dot_precision,
     _upcast,
     default_decode_config,
+    launch_options,
     merge_counters,
     num_sms,
+    programs_per_sm,
 )
 
-MAX_BATCH = 4096  # every program holds the batch's lengths in registers: [next_pow2(B)] int64
+MAX_BATCH = 4096  # every program holds the batch's layout in registers: 2 x [next_pow2(B)] int32
 
 
 @triton.jit
 def _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(offsets, tiles per unit, first tile, per sequence; total tiles T)."""
+    """(offsets, tiles per unit, first tile, per sequence; total tiles T), int32: registers held all along."""
     offs_b = tl.arange(0, BLOCK_B)
-    lens = tl.load(ContextLens + offs_b, mask=offs_b < batch, other=0)
-    unit_tiles = tl.cdiv(lens, BLOCK_N).to(tl.int64)
+    lens = tl.load(ContextLens + offs_b, mask=offs_b < batch, other=0).to(tl.int32)
+    unit_tiles = tl.cdiv(lens, BLOCK_N)
     seq_tiles = unit_tiles * num_kv_heads
     first = tl.cumsum(seq_tiles, 0) - seq_tiles
     return offs_b, unit_tiles, first, tl.sum(seq_tiles, 0)
 
 
 @triton.jit
-def _owner(tile, total, programs):
-    """The program whose range [p*T//P, (p+1)*T//P) holds ``tile``: the largest p with p*T//P <= tile."""
-    return ((tile + 1) * programs - 1) // total
+def _range_start(p, total, programs):
+    """Program p's first tile, p*T//P (the product in int64: T*P passes 2^31 at large batches)."""
+    return (p.to(tl.int64) * total // programs).to(tl.int32)
 
 
 @triton.jit
-def _merge_unit(
-    PartialOut, PartialLse, Out, b, kv_head, unit0, unit_tiles, total, programs,
-    stride_ob, stride_oh, stride_od,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, BYPASS_L1: tl.constexpr,
-):  # fmt: skip
-    """Out for one unit = its pieces' partials weighted by 2^(lse - lse_total), BLOCK_P pieces at a time.
+def _owner(tile, total, programs):
+    """The program whose range [p*T//P, (p+1)*T//P) holds ``tile``: the largest p with p*T//P <= tile."""
+    return (((tile + 1).to(tl.int64) * programs - 1) // total).to(tl.int32)
 
-    BYPASS_L1 (fused merge): the partials were written by other SMs during this launch, so read them from
-    L2 (``.cg``), never from a line this SM's L1 might hold.
+
+@triton.jit
+def _merge_pieces(
+    PartialOut, PartialLse, Out, b, kv_head, g, unit0, unit_tiles, total, programs,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BYPASS_L1: tl.constexpr,
+):  # fmt: skip
+    """Out for query head g of one unit = its pieces' partials weighted by 2^(lse - lse_total).
+
+    BLOCK_P pieces at a time, online across chunks. The partials are loaded before anything waits on
+    the log-sum-exps, so both loads are in flight together. BYPASS_L1 (fused merge): the partials were
+    written by other SMs during this launch, so read them from L2 (``.cg``), never from this SM's L1.
     """
     p_first = _owner(unit0, total, programs)
     p_last = _owner(unit0 + unit_tiles - 1, total, programs)
     # p_first's piece is its first segment only if its range starts exactly at this unit.
-    first_slot = 2 * p_first + (p_first * total // programs != unit0).to(tl.int64)
-    offs_g = tl.arange(0, MERGE_G)
+    first_slot = 2 * p_first + (_range_start(p_first, total, programs) != unit0).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < GROUP
-    gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    m = tl.full([MERGE_G], float("-inf"), tl.float32)
-    l_sum = tl.zeros([MERGE_G], tl.float32)
-    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    m = float("-inf")
+    l_sum = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for p0 in range(p_first, p_last + 1, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        slots = tl.where(ps == p_first, first_slot, 2 * ps)
-        pg_mask = (ps <= p_last)[:, None] & g_mask[None, :]
-        lse = tl.load(PartialLse + slots[:, None] * GROUP + offs_g[None, :], mask=pg_mask, other=float("-inf"),
-                      cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
-        parts = tl.load(
-            PartialOut
-            + (slots[:, None, None] * GROUP + offs_g[None, :, None]) * HEAD_DIM
-            + offs_d[None, None, :],
-            mask=pg_mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM),
-            other=0.0,
-            cache_modifier=".cg" if BYPASS_L1 else "",
+        p_mask = ps <= p_last
+        rows = tl.where(ps == p_first, first_slot, 2 * ps) * GROUP + g
+        parts = tl.load(PartialOut + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=p_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+                        cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
+        lse = tl.load(
+            PartialLse + rows, mask=p_mask, other=float("-inf"), cache_modifier=".cg" if BYPASS_L1 else ""
         )
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded heads: no piece, keep inf - inf away
+        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: every chunk holds >= 1 piece
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new[None, :])  # [BLOCK_P, MERGE_G]
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * parts, 0)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + tl.sum(w[:, None] * parts, 0)
         l_sum = l_sum * alpha + tl.sum(w, 0)
         m = m_new
-    out = acc / tl.where(g_mask, l_sum, 1.0)[:, None]
-    heads = kv_head * GROUP + offs_g
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=gd_mask)  # fmt: skip
+    tl.store(Out + b * stride_ob + (kv_head * GROUP + g) * stride_oh + offs_d * stride_od,
+             (acc / l_sum).to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
 @triton.jit
@@ -121,8 +117,7 @@ def _decode_streamk_kernel(
     stride_btb, stride_btn,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     PREFETCH_IDS: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program p: tiles [p*T//P, (p+1)*T//P) of the batch's work, one segment per unit it touches."""
@@ -130,8 +125,8 @@ def _decode_streamk_kernel(
     offs_b, unit_tiles, first, total = _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B, BLOCK_N)
     programs = tl.minimum(max_programs, total)  # P <= T: no program is left without a tile
     if pid < programs:
-        lo = pid * total // programs
-        hi = (pid + 1) * total // programs
+        lo = _range_start(pid, total, programs)
+        hi = _range_start(pid + 1, total, programs)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         g_mask = offs_g < GROUP
@@ -179,9 +174,9 @@ def _decode_streamk_kernel(
                     arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
                     if arrived == pieces - 1:
                         tl.debug_barrier()
-                        _merge_unit(PartialOut, PartialLse, Out, b, kv_head, unit0, n, total, programs,
-                                    stride_ob, stride_oh, stride_od,
-                                    GROUP, HEAD_DIM, MERGE_G, BLOCK_D, BLOCK_P, True)  # fmt: skip
+                        for g in tl.static_range(GROUP):
+                            _merge_pieces(PartialOut, PartialLse, Out, b, kv_head, g, unit0, n, total, programs,
+                                          stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, BLOCK_D, 16, True)  # fmt: skip
                         tl.store(counter, 0)  # reset for the next launch
             t = seg_end
 
@@ -190,46 +185,19 @@ def _decode_streamk_kernel(
 def _streamk_merge_kernel(
     PartialOut, PartialLse, Out, ContextLens, batch, num_kv_heads, max_programs,
     stride_ob, stride_oh, stride_od,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, MERGE_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """Program (b, kv_head): merge that unit's pieces if programs cut it; otherwise it is done already."""
+    """Program (b, query head): merge its unit's pieces if programs cut the unit; else it is done already."""
     b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // GROUP
     offs_b, unit_tiles, first, total = _tile_layout(ContextLens, batch, num_kv_heads, BLOCK_B, BLOCK_N)
     programs = tl.minimum(max_programs, total)
     n = tl.sum(tl.where(offs_b == b, unit_tiles, 0), 0)
     unit0 = tl.sum(tl.where(offs_b == b, first, 0), 0) + kv_head * n
     if _owner(unit0, total, programs) != _owner(unit0 + n - 1, total, programs):
-        _merge_unit(PartialOut, PartialLse, Out, b, kv_head, unit0, n, total, programs,
-                    stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, MERGE_G, BLOCK_D, BLOCK_P, False)  # fmt: skip
-
-
-_FITS: dict[tuple, int] = {}
-
-
-def programs_per_sm(kernel: Any, args: tuple, meta: dict[str, Any], device: torch.device) -> int:
-    """How many programs of this compiled variant one SM holds at once, by registers, shared memory and warps.
-
-    The grid must be exactly one wave: a program that waits for a free slot would run after the others,
-    doubling the time of its tiles. Compiles without launching (``warmup``), once per variant. The
-    interpreter has no compiled kernel; it runs programs one by one, so any count is "one wave" there.
-    """
-    if device.type != "cuda" or not hasattr(kernel, "warmup"):
-        return 4
-    key = (device.index, *sorted(meta.items()))
-    if key not in _FITS:
-        compiled = kernel.warmup(*args, grid=(1,), **meta)
-        if hasattr(compiled, "_init_handles"):
-            compiled._init_handles()  # fills n_regs
-        props = torch.cuda.get_device_properties(device)
-        warps = meta["num_warps"]
-        regs_per_warp = math.ceil(max(1, compiled.n_regs) * 32 / 256) * 256  # allocated 256 at a time
-        by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
-        by_smem = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
-        by_warps = props.max_threads_per_multi_processor // (32 * warps)
-        _FITS[key] = max(1, min(by_regs, by_smem, by_warps, 32))
-    return _FITS[key]
+        _merge_pieces(PartialOut, PartialLse, Out, b, kv_head, tl.program_id(1) % GROUP, unit0, n, total, programs,
+                      stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, False)  # fmt: skip
 
 
 def paged_decode_attention_streamk(
@@ -246,7 +214,8 @@ def paged_decode_attention_streamk(
     """Triton twin of ``paged_decode_attention_ref`` on the stream-K schedule (arguments already checked).
 
     ``num_programs`` overrides the grid (tests use it to cut units in many places); every program gets
-    at least one tile, so more programs than tiles just means fewer run.
+    at least one tile, so more programs than tiles just means fewer run. ``prefetch_ids`` None means on:
+    two K/V tiles in flight per program, measured better on every shape (``decode_streamk_h200_first.json``).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -264,14 +233,12 @@ def paged_decode_attention_streamk(
     lens = context_lens.contiguous()
     block_b = max(16, triton.next_power_of_2(batch))
     block_d = triton.next_power_of_2(head_dim)
-    merge_g = triton.next_power_of_2(group)
-    block_p = max(2, min(64, 4096 // (merge_g * block_d)))  # <= 32 fp32 per thread for the pieces at 4 warps
     meta = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_B=block_b,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), MERGE_G=merge_g, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        BLOCK_P=block_p, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        EVICT="evict_first" if cfg.evict_first else "", PREFETCH_IDS=bool(cfg.prefetch_ids),
-        FUSED_MERGE=cfg.fused_merge, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        EVICT="evict_first" if cfg.evict_first else "", PREFETCH_IDS=cfg.prefetch_ids is not False,
+        FUSED_MERGE=cfg.fused_merge, **launch_options(cfg),
     )  # fmt: skip
 
     def launch_args(programs: int, partial: torch.Tensor, lse: torch.Tensor) -> tuple:
@@ -289,9 +256,9 @@ def paged_decode_attention_streamk(
     lse = torch.empty(2 * programs, group, device=q.device, dtype=torch.float32)
     _decode_streamk_kernel[(programs,)](*launch_args(programs, partial, lse), **meta)
     if not cfg.fused_merge:
-        _streamk_merge_kernel[(batch, num_kv_heads)](
+        _streamk_merge_kernel[(batch, num_heads)](
             partial, lse, out, lens, batch, num_kv_heads, programs, *out.stride(),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_B=block_b, MERGE_G=merge_g, BLOCK_D=block_d,
-            BLOCK_N=cfg.block_n, BLOCK_P=block_p, num_warps=4,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+            BLOCK_P=max(2, min(64, 4096 // block_d)), num_warps=4,
         )  # fmt: skip
     return out

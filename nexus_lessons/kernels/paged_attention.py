@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -101,8 +102,20 @@ def _write_kv_cache_kernel(
     mask = (offs_h[:, None] < num_heads) & keep[:, None] & (offs_d[None, :] < head_dim)
     k = tl.load(K + token * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     v = tl.load(V + token * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    kc = KCache + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
-    vc = VCache + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
+    kc = (
+        KCache
+        + block * stride_kcb
+        + offset * stride_kct
+        + offs_h[:, None] * stride_kch
+        + offs_d[None, :] * stride_kcd
+    )
+    vc = (
+        VCache
+        + block * stride_vcb
+        + offset * stride_vct
+        + offs_h[:, None] * stride_vch
+        + offs_d[None, :] * stride_vcd
+    )
     tl.store(kc, k.to(KCache.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(VCache.dtype.element_ty), mask=mask)
 
@@ -147,9 +160,11 @@ class DecodeConfig:
     # (without it, one buffer at any num_stages). None: on exactly when the context is split (decode_plan).
     prefetch_ids: bool | None = None
     # "split": a grid of B x Hkv x splits programs (flash-decoding); "streamk": one wave of
-    # programs_per_sm x SMs programs sharing all the tiles evenly (``decode_streamk.py``).
-    schedule: str = "split"
+    # programs_per_sm x SMs programs sharing all the tiles evenly (``decode_streamk.py``); "auto": split,
+    # unless its grid would end in a wave less than AUTO_WAVE_FILL full (see ``choose_schedule``).
+    schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
+    maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
 
 
 @triton.jit
@@ -189,7 +204,10 @@ def _decode_range(
         in_block = offs_n % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
-            k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
+            k_base
+            + block[:, None] * stride_kcb
+            + in_block[:, None] * stride_kct
+            + offs_d[None, :] * stride_kcd,
             mask=kv_mask,
             other=0.0,
             eviction_policy=EVICT,
@@ -200,14 +218,19 @@ def _decode_range(
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
         v = tl.load(
-            v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
+            v_base
+            + block[:, None] * stride_vcb
+            + in_block[:, None] * stride_vct
+            + offs_d[None, :] * stride_vcd,
             mask=kv_mask,
             other=0.0,
             eviction_policy=EVICT,
         )
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
+        acc = tl.dot(
+            p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION
+        )  # accumulate in place
         m_i = m_new
     return acc, m_i, l_i
 
@@ -421,7 +444,9 @@ def choose_num_splits(
     return math.ceil(tiles / math.ceil(tiles / splits))
 
 
-def decode_plan(batch: int, num_kv_heads: int, max_context_len: int, sms: int, cfg: DecodeConfig) -> tuple[int, bool]:
+def decode_plan(
+    batch: int, num_kv_heads: int, max_context_len: int, sms: int, cfg: DecodeConfig
+) -> tuple[int, bool]:
     """(splits, prefetch_ids) for a launch: a split context runs one wave of long, deeply pipelined programs.
 
     H200, 1 x 32k, 8 KV heads: 64 splits of plain programs 77.1% of copy bandwidth; with the block ids
@@ -432,9 +457,76 @@ def decode_plan(batch: int, num_kv_heads: int, max_context_len: int, sms: int, c
     """
     if cfg.prefetch_ids is not None:
         per_sm = 2 if cfg.prefetch_ids else 4
-        return choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, per_sm), cfg.prefetch_ids
+        return choose_num_splits(
+            batch, num_kv_heads, max_context_len, sms, cfg.block_n, per_sm
+        ), cfg.prefetch_ids
     splits = choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, programs_per_sm=2)
     return splits, splits > 1
+
+
+SCHEDULES = ("auto", "split", "streamk")
+AUTO_WAVE_FILL = 0.9  # "auto" leaves the split grid when its last wave would be less full than this
+_FITS: dict[tuple, int] = {}
+
+
+def launch_options(cfg: DecodeConfig) -> dict[str, int]:
+    """num_warps, num_stages and (when set, on a GPU) maxnreg for a decode launch."""
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None and not interpreting():
+        options["maxnreg"] = cfg.maxnreg
+    return options
+
+
+def programs_per_sm(kernel: Any, args: tuple, meta: dict[str, Any], device: torch.device) -> int:
+    """How many programs of this compiled variant one SM holds at once, by registers, shared memory and warps.
+
+    Compiles without launching (``warmup``), once per variant. The interpreter has no compiled kernel;
+    it runs programs one by one, so the answer there is nominal (4).
+    """
+    if device.type != "cuda" or not hasattr(kernel, "warmup"):
+        return 4
+    key = (kernel.__name__, device.index, *sorted(meta.items()))
+    if key not in _FITS:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()  # fills n_regs
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs_per_warp = math.ceil(max(1, compiled.n_regs) * 32 / 256) * 256  # allocated 256 at a time
+        by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
+        by_smem = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
+        by_warps = props.max_threads_per_multi_processor // (32 * warps)
+        _FITS[key] = max(1, min(by_regs, by_smem, by_warps, 32))
+    return _FITS[key]
+
+
+def choose_schedule(
+    cfg: DecodeConfig,
+    batch: int,
+    grid: tuple[int, ...],
+    kernel: Any,
+    args: tuple,
+    meta: dict,
+    device: torch.device,
+) -> str:
+    """ "split" or "streamk" for this launch; "auto" picks stream-K when the split grid ends in a thin wave.
+
+    A grid of P programs on S slots (programs per SM x SMs) takes ceil(P / S) waves; when the last is
+    mostly empty the GPU idles through it (H200, 68 x 4096: 544 programs on 528 slots, 72.9% of copy
+    bandwidth against 101.8% at 64 x 4096). Grids within one wave, or ending in a wave at least
+    AUTO_WAVE_FILL full, keep the split kernel: on them it is faster than stream-K
+    (``decode_streamk_h200.json``).
+    """
+    if cfg.schedule == "split" or batch > STREAMK_MAX_BATCH or batch == 0:
+        return "split"
+    if cfg.schedule == "streamk":
+        return "streamk"
+    programs = math.prod(grid)
+    slots = programs_per_sm(kernel, args, meta, device) * num_sms(device)
+    if programs <= slots:
+        return "split"
+    waves = math.ceil(programs / slots)
+    return "split" if programs / (waves * slots) >= AUTO_WAVE_FILL else "streamk"
 
 
 def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
@@ -474,16 +566,12 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
     cfg = config or default_decode_config(q.dtype, head_dim, q.device)
-    if cfg.schedule not in ("split", "streamk"):
-        raise ValueError(f"DecodeConfig.schedule must be 'split' or 'streamk', got {cfg.schedule!r}")
-    if cfg.schedule == "streamk" and num_splits is None:
-        from .decode_streamk import MAX_BATCH, paged_decode_attention_streamk
-
-        if batch <= MAX_BATCH:
-            return paged_decode_attention_streamk(q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg)
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"DecodeConfig.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * k_cache.shape[1]
     planned, prefetch = decode_plan(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg)
+    forced = num_splits is not None
     if num_splits is None:
         num_splits = planned
     elif cfg.prefetch_ids is None:
@@ -508,19 +596,27 @@ def paged_decode_attention_triton(
     counters = merge_counters(q.device, batch * num_kv_heads) if fused else context_lens  # else: never read
     block_d = triton.next_power_of_2(head_dim)
     block_s = max(2, triton.next_power_of_2(num_splits))
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    args = (
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
         scale * LOG2E, num_splits, num_kv_heads,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
+    )  # fmt: skip
+    meta = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )  # fmt: skip
+    grid = (batch, num_kv_heads, num_splits)
+    if not forced and choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device) == "streamk":
+        return paged_decode_attention_streamk(
+            q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg
+        )
+    _decode_split_kernel[grid](*args, **meta)
     if not direct and not fused:
         _decode_merge_kernel[(batch, num_heads)](
             partial, lse, out, num_splits,
@@ -920,7 +1016,9 @@ def paged_prefill_attention_triton(
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    cfg = config or default_extend_config(q.dtype, head_dim, q.device, custom_mask is not None, k_new is not None)
+    cfg = config or default_extend_config(
+        q.dtype, head_dim, q.device, custom_mask is not None, k_new is not None
+    )
     out = torch.empty_like(q)
     if total_q == 0 or batch == 0:
         return out
@@ -959,3 +1057,9 @@ def paged_prefill_attention_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+# The stream-K decode builds on the kernels above; imported here, at the end, so that both modules are always
+# built in the same mode (compiled, or interpreted when TRITON_INTERPRET=1 was set at import).
+from .decode_streamk import MAX_BATCH as STREAMK_MAX_BATCH  # noqa: E402
+from .decode_streamk import paged_decode_attention_streamk  # noqa: E402
