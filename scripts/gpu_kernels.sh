@@ -2,7 +2,9 @@
 # Lesson 02's Triton kernels on the GPU, in one command (run from the repository root):
 #   1. tests: the compiled kernels against a float64 oracle (tests/test_kernels.py -m gpu);
 #   2. bench: decode vs SDPA / FlexAttention / copy bandwidth, extend vs SDPA, tuning variants.
-# Usage: OUT=dir scripts/gpu_kernels.sh [all|tests|bench] [extra benchmark options]
+# Usage: OUT=dir scripts/gpu_kernels.sh [all|tests|bench|schedule] [extra benchmark options]
+# "schedule" (not part of "all"): the decode schedules side by side, split vs stream-K vs SDPA, at the
+# benchmark's shapes, past a full wave and on mixed lengths (decode_streamk_h200.json, ~4 minutes).
 # Writes under $OUT (default course/results): gpu_info.txt, test_kernels_gpu.txt, paged_kernels.log,
 # paged_kernels.json. "all" stays under ~9.8 minutes: each step has a timeout, and the benchmark starts
 # no new tuning variant after --budget-s seconds (it saves its JSON after every case). The tests now also
@@ -28,6 +30,11 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
     timeout 395 python -m nexus_lessons.bench.paged_kernels --out "$OUT" --budget-s 290 "$@" 2>&1 \
         | tee "$OUT/paged_kernels.log"
+    bench=${PIPESTATUS[0]}
+fi
+if [ "$MODE" = schedule ]; then
+    timeout 400 python -m nexus_lessons.bench.decode_waves --cases streamk --name decode_streamk_h200.json \
+        --out "$OUT" 2>&1 | tee "$OUT/decode_streamk_log.txt"
     bench=${PIPESTATUS[0]}
 fi
 echo "gpu tests exit $tests, benchmark exit $bench (124 = timed out)"

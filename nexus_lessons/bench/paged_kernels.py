@@ -230,6 +230,9 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
                 + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}"))  # fmt: skip
 
     out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
+    # the schedule: the split grid (what "auto" keeps at these shapes) against one stream-K wave
+    out += [("schedule=streamk", DecodeConfig(schedule="streamk"), None),
+            ("schedule=streamk maxnreg=128", DecodeConfig(schedule="streamk", maxnreg=128), None)]  # fmt: skip
     by_length = max(1, context // 128)
     wanted = {1, 2, 4} if batch * HKV >= 132 else {24, 40, 48, 64}
     for s in sorted(wanted):
