@@ -347,7 +347,7 @@ def test_decode_streamk_matches_oracle(dtype, group, fused):
         cfg = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=fused,
                               prefetch_ids=prefetch, schedule="streamk")  # fmt: skip
         for programs in (1, 5, 29, 1000):  # 29 tiles in all: 1000 programs leaves 971 idle
-            out = pa.paged_decode_attention_streamk(
+            out = pa._streamk.paged_decode_attention_streamk(
                 q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg
             )
             assert_close(out, want, dtype, f"stream-K P={programs} prefetch={prefetch}")
@@ -380,23 +380,25 @@ def test_decode_schedule_choice():
         == "streamk"
     )
     calls = []
-    real = pa.paged_decode_attention_streamk
+    real = pa._streamk.paged_decode_attention_streamk
     try:
-        pa.paged_decode_attention_streamk = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        pa._streamk.paged_decode_attention_streamk = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg)
         assert calls, "auto should have taken stream-K for 5 programs on 4 slots"
         calls.clear()
         pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg, num_splits=1)
         assert not calls, "a forced split count keeps the split kernel"
     finally:
-        pa.paged_decode_attention_streamk = real
+        pa._streamk.paged_decode_attention_streamk = real
     assert_close(out, oracle_decode(q, k_cache, v_cache, tables, ctx), torch.float32, "auto -> stream-K")
     with pytest.raises(ValueError, match="schedule"):
         pa.paged_decode_attention_triton(
             q, k_cache, v_cache, tables, ctx, config=replace(cfg, schedule="lean")
         )
     with pytest.raises(ValueError, match="num_programs"):
-        pa.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=0, config=cfg)
+        pa._streamk.paged_decode_attention_streamk(
+            q, k_cache, v_cache, tables, ctx, num_programs=0, config=cfg
+        )
 
 
 def test_choose_num_splits():
@@ -819,7 +821,7 @@ def test_gpu_decode_streamk(fused, maxnreg):
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
     cfg = pa.DecodeConfig(schedule="streamk", fused_merge=fused, maxnreg=maxnreg)
     for programs in (None, 7, 100):
-        outs = [pa.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg)
+        outs = [pa._streamk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg)
                 for _ in range(2)]  # fmt: skip
         assert_close(outs[0], want, torch.bfloat16, f"stream-K P={programs} fused={fused}")
         assert torch.equal(outs[0], outs[1])

@@ -517,7 +517,7 @@ def choose_schedule(
     AUTO_WAVE_FILL full, keep the split kernel: on them it is faster than stream-K
     (``decode_streamk_h200.json``).
     """
-    if cfg.schedule == "split" or batch > STREAMK_MAX_BATCH or batch == 0:
+    if cfg.schedule == "split" or batch > _streamk.MAX_BATCH or batch == 0:
         return "split"
     if cfg.schedule == "streamk":
         return "streamk"
@@ -612,8 +612,11 @@ def paged_decode_attention_triton(
         **launch_options(cfg),
     )  # fmt: skip
     grid = (batch, num_kv_heads, num_splits)
-    if not forced and choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device) == "streamk":
-        return paged_decode_attention_streamk(
+    if (
+        not forced
+        and choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device) == "streamk"
+    ):
+        return _streamk.paged_decode_attention_streamk(
             q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg
         )
     _decode_split_kernel[grid](*args, **meta)
@@ -1061,5 +1064,4 @@ def paged_prefill_attention_triton(
 
 # The stream-K decode builds on the kernels above; imported here, at the end, so that both modules are always
 # built in the same mode (compiled, or interpreted when TRITON_INTERPRET=1 was set at import).
-from .decode_streamk import MAX_BATCH as STREAMK_MAX_BATCH  # noqa: E402
-from .decode_streamk import paged_decode_attention_streamk  # noqa: E402
+from . import decode_streamk as _streamk  # noqa: E402
