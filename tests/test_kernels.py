@@ -372,6 +372,9 @@ def test_decode_schedule_choice():
     assert pa.choose_schedule(cfg, 8, (8, 1, 1), kernel, (), {}, q.device) == "split"
     assert pa.choose_schedule(cfg, 15, (15, 1, 1), kernel, (), {}, q.device) == "split"
     assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device) == "split"  # one wave
+    # spread lengths (the caller's max and mean): stream-K even within one wave
+    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device, 100, 40.0) == "streamk"
+    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device, 100, 90.0) == "split"
     assert (
         pa.choose_schedule(replace(cfg, schedule="split"), 5, (5, 1, 1), kernel, (), {}, q.device) == "split"
     )

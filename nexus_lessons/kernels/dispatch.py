@@ -326,6 +326,7 @@ def paged_decode_attention(
     impl: Impl | None = None,
     num_splits: int | None = None,
     max_context_len: int | None = None,
+    mean_context_len: float | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged context: ``q [B, Hq, D] -> [B, Hq, D]``.
@@ -333,7 +334,9 @@ def paged_decode_attention(
     ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``; ``block_tables [B, max_blocks]`` and
     ``context_lens [B]`` int32 (the query is the last of the ``context_lens[b]`` tokens, already written).
     ``scale`` defaults to ``D ** -0.5``. ``num_splits`` forces the Triton split-KV count (default: chosen
-    from ``B * Hkv`` against the SM count); ``max_context_len`` is an optional bound that steers it.
+    from ``B * Hkv`` against the SM count); ``max_context_len`` is an optional bound that steers it, and
+    with ``mean_context_len`` (both host numbers the caller knows) picks the stream-K schedule for batches
+    of spread lengths.
     """
     _check_attention_args(q, "[B, Hq, D]", k_cache, v_cache, block_tables, context_lens, q.shape[0])
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -345,7 +348,7 @@ def paged_decode_attention(
         with _interpreter_env(q.device):
             return triton_kernels().paged_decode_attention_triton(
                 q, k_cache, v_cache, block_tables, context_lens, scale,
-                num_splits=num_splits, max_context_len=max_context_len,
+                num_splits=num_splits, max_context_len=max_context_len, mean_context_len=mean_context_len,
             )  # fmt: skip
     return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 

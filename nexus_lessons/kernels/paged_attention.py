@@ -466,6 +466,7 @@ def decode_plan(
 
 SCHEDULES = ("auto", "split", "streamk")
 AUTO_WAVE_FILL = 0.9  # "auto" leaves the split grid when its last wave would be less full than this
+MIXED_SPREAD = 1.5  # ... or when the longest context is this many times the mean (between measured points)
 _FITS: dict[tuple, int] = {}
 
 
@@ -508,18 +509,25 @@ def choose_schedule(
     args: tuple,
     meta: dict,
     device: torch.device,
+    max_context_len: int | None = None,
+    mean_context_len: float | None = None,
 ) -> str:
-    """ "split" or "streamk" for this launch; "auto" picks stream-K when the split grid ends in a thin wave.
+    """ "split" or "streamk" for this launch; "auto" picks stream-K when the split grid would idle.
 
-    A grid of P programs on S slots (programs per SM x SMs) takes ceil(P / S) waves; when the last is
-    mostly empty the GPU idles through it (H200, 68 x 4096: 544 programs on 528 slots, 72.9% of copy
-    bandwidth against 101.8% at 64 x 4096). Grids within one wave, or ending in a wave at least
-    AUTO_WAVE_FILL full, keep the split kernel: on them it is faster than stream-K
-    (``decode_streamk_h200.json``).
+    Two ways it idles, both measured on the H200 (``decode_streamk_h200.json``):
+    * a thin last wave: a grid of P programs on S slots (programs per SM x SMs) takes ceil(P / S) waves,
+      and when the last is mostly empty the GPU idles through it (68 x 4096: 544 programs on 528 slots,
+      73.0% of copy bandwidth; stream-K 95.7%). Grids within one wave, or ending in a wave at least
+      AUTO_WAVE_FILL full, keep the split kernel: on them it is faster (64 x 4096: 101.9% vs 95.4%);
+    * spread lengths (max > MIXED_SPREAD x mean; the mean only if the caller passes it): a split
+      program's work is its sequence's length, so the grid waits for the longest (64 sequences of 1 to
+      8191 tokens: split 66.6%, stream-K 90.0%).
     """
     if cfg.schedule == "split" or batch > _streamk.MAX_BATCH or batch == 0:
         return "split"
     if cfg.schedule == "streamk":
+        return "streamk"
+    if max_context_len is not None and mean_context_len and max_context_len > MIXED_SPREAD * mean_context_len:
         return "streamk"
     programs = math.prod(grid)
     slots = programs_per_sm(kernel, args, meta, device) * num_sms(device)
@@ -553,10 +561,12 @@ def paged_decode_attention_triton(
     *,
     num_splits: int | None = None,
     max_context_len: int | None = None,
+    mean_context_len: float | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``paged_decode_attention_ref``; ``num_splits`` forces the split count (and with it
-    the split schedule, whatever ``config.schedule`` says).
+    the split schedule, whatever ``config.schedule`` says). ``mean_context_len``, when the caller knows
+    it, tells the "auto" schedule whether the lengths are spread (``choose_schedule``).
 
     ``max_context_len`` (an upper bound on ``context_lens``) only steers the split heuristic; without it
     the block table's width is used, so nothing has to be read back from the GPU.
@@ -614,7 +624,10 @@ def paged_decode_attention_triton(
     grid = (batch, num_kv_heads, num_splits)
     if (
         not forced
-        and choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device) == "streamk"
+        and choose_schedule(
+            cfg, batch, grid, _decode_split_kernel, args, meta, q.device, max_context_len, mean_context_len
+        )
+        == "streamk"
     ):
         return _streamk.paged_decode_attention_streamk(
             q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg

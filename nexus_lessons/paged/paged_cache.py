@@ -57,6 +57,7 @@ class _ForwardPlan:
     query_start_loc: torch.Tensor  # [B_active + 1] int32, offsets into the packed new tokens
     max_query_len: int
     max_context_len: int
+    mean_context_len: float  # with the max: tells the decode kernel whether the lengths are spread
     shape: tuple[int, int]  # (B, T)
 
 
@@ -283,7 +284,8 @@ class PagedKVCache:
             rows=list(rows), valid=valid, decode=T == 1 and len(active) == B,
             slot_mapping=slot_mapping.to(dev), block_tables=bt.to(dev),
             context_lens=context.to(torch.int32).to(dev), query_start_loc=qsl.to(dev),
-            max_query_len=int(counts.max()), max_context_len=int(context.max()), shape=(B, T),
+            max_query_len=int(counts.max()), max_context_len=int(context.max()),
+            mean_context_len=float(context.float().mean()), shape=(B, T),
         )
         for s, d, n in zip(rows, done, n_new):
             self._computed[s] = d + n
@@ -319,7 +321,7 @@ class PagedKVCache:
         if plan.decode:
             out = paged_decode_attention(
                 q[:, :, 0].contiguous(), k_pool, v_pool, plan.block_tables, plan.context_lens,
-                max_context_len=plan.max_context_len, validate=check,
+                max_context_len=plan.max_context_len, mean_context_len=plan.mean_context_len, validate=check,
             )
             return out[:, :, None]
         if plan.valid is None:
