@@ -5,6 +5,8 @@
 # Usage: OUT=dir scripts/gpu_kernels.sh [all|tests|bench|schedule] [extra benchmark options]
 # "schedule" (not part of "all"): the decode schedules side by side, split vs stream-K vs SDPA, at the
 # benchmark's shapes, past a full wave and on mixed lengths (decode_streamk_h200.json, ~4 minutes).
+# "waves" (not part of "all"): the wave diagnostic (decode_waves_h200.json), then Nsight Compute on ours and
+# SDPA at 64 x 4096 and 1 x 32768 (ncu_decode_*.txt; needs ncu and hardware counters, ~2 minutes).
 # Writes under $OUT (default course/results): gpu_info.txt, test_kernels_gpu.txt, paged_kernels.log,
 # paged_kernels.json. "all" stays under ~9.8 minutes: each step has a timeout, and the benchmark starts
 # no new tuning variant after --budget-s seconds (it saves its JSON after every case). The tests now also
@@ -36,6 +38,15 @@ if [ "$MODE" = schedule ]; then
     timeout 400 python -m nexus_lessons.bench.decode_waves --cases streamk --name decode_streamk_h200.json \
         --out "$OUT" 2>&1 | tee "$OUT/decode_streamk_log.txt"
     bench=${PIPESTATUS[0]}
+fi
+if [ "$MODE" = waves ]; then
+    timeout 300 python -m nexus_lessons.bench.decode_waves --out "$OUT" 2>&1 | tee "$OUT/decode_waves_log.txt"
+    bench=${PIPESTATUS[0]}
+    for shape in "64 4096" "1 32768"; do
+        timeout 120 ncu --clock-control none --section LaunchStats --section Occupancy --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis -k regex:"decode|flash|fmha|attn|sdpa|cudnn|merge|splitkv|combine" \
+            python -m nexus_lessons.bench.decode_waves --once $shape > "$OUT/ncu_decode_${shape/ /x}.txt" 2>&1
+    done
 fi
 echo "gpu tests exit $tests, benchmark exit $bench (124 = timed out)"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
