@@ -220,9 +220,13 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
     # Sessions 2-3 settled block_n / warps / stages / evict_first / layout within 1-2% (notes/paged_kernels.md);
     # what still moves the long-context case is prefetching the block ids (the pipeliner then keeps two K/V
     # tiles in flight per program instead of one) together with the split count (one wave of programs).
-    configs = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3, True), DecodeConfig(64, 4, 3, prefetch_ids=False),
-               DecodeConfig(64, 4, 3, prefetch_ids=True), DecodeConfig(64, 4, 4, prefetch_ids=True),
-               DecodeConfig(32, 4, 4, prefetch_ids=True)]  # fmt: skip
+    split = dict(schedule="split")  # tile variants of the split kernel itself, whatever "auto" would pick
+    configs = [DecodeConfig(64, 4, 2, **split), DecodeConfig(64, 4, 3, True, **split),
+               DecodeConfig(64, 4, 3, prefetch_ids=False, **split), DecodeConfig(64, 4, 3, prefetch_ids=True, **split),
+               DecodeConfig(64, 4, 4, prefetch_ids=True, **split), DecodeConfig(32, 4, 4, prefetch_ids=True, **split),
+               # fewer warps per program: fewer cross-warp reductions per tile, more programs per SM
+               DecodeConfig(64, 2, 3, **split), DecodeConfig(64, 2, 2, **split), DecodeConfig(32, 1, 3, **split),
+               DecodeConfig(32, 2, 3, **split)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
@@ -240,6 +244,11 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
             out.append((f"splits={s}", None, s))  # default config: block ids prefetched when split
             if s > 1:
                 out.append((f"splits={s} prefetch_ids=off", DecodeConfig(prefetch_ids=False), s))
+    if batch * HKV < 132:  # single-warp programs need more of them to fill the GPU
+        for s in (64, 128):
+            if s <= min(MAX_SPLITS, by_length):
+                out.append((f"splits={s} block_n=32 warps=1 stages=4 prefetch_ids=on",
+                            DecodeConfig(32, 1, 4, prefetch_ids=True), s))  # fmt: skip
     return out
 
 
@@ -383,7 +392,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
         k_hnd = data["k_cache"].transpose(1, 2).contiguous().transpose(1, 2)
         v_hnd = data["v_cache"].transpose(1, 2).contiguous().transpose(1, 2)
         hnd_args = (q, k_hnd, v_hnd, data["block_tables"], data["context_lens"])
-        for label, vcfg in (("layout=HND", None), ("layout=HND block_n=128 warps=8", DecodeConfig(128, 8, 2))):
+        for label, vcfg in (("layout=HND", None), ("layout=HND block_n=128 warps=8", DecodeConfig(128, 8, 2, schedule="split"))):
             def hnd(vcfg=vcfg):
                 return paged_decode_attention_triton(*hnd_args, config=vcfg)
 
