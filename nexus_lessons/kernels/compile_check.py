@@ -136,18 +136,12 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
         return (torch.empty(4096, 16, 8, d, device=meta, dtype=dtype),) * 2
 
     def table(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(
-            b, device=meta, dtype=torch.int32
-        )
+        return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(b, device=meta, dtype=torch.int32)
 
-    def decode(
-        dtype: torch.dtype, splits: int | None, d: int = 128, group: int = 4, **how: Any
-    ) -> Callable[[], Any]:
+    def decode(dtype: torch.dtype, splits: int | None, d: int = 128, group: int = 4, **how: Any) -> Callable[[], Any]:
         q = torch.empty(64, 8 * group, d, device=meta, dtype=dtype)
-        cfg = replace(pa.default_decode_config(dtype, d, cuda), **how)
-        return lambda: pa.paged_decode_attention_triton(
-            q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg
-        )
+        cfg = replace(pa.default_decode_config(dtype, d, cuda), **how)  # fmt: skip
+        return lambda: pa.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg)
 
     def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
         q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)

@@ -117,7 +117,8 @@ def _decode_streamk_kernel(
     stride_btb, stride_btn,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EVICT: tl.constexpr,
     PREFETCH_IDS: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program p: tiles [p*T//P, (p+1)*T//P) of the batch's work, one segment per unit it touches."""
@@ -136,8 +137,9 @@ def _decode_streamk_kernel(
             # Which unit holds tile t: the last sequence starting at or before it, then the head.
             b = tl.sum(tl.where((first <= t) & (offs_b < batch), 1, 0), 0) - 1
             n = tl.sum(tl.where(offs_b == b, unit_tiles, 0), 0)
-            kv_head = (t - tl.sum(tl.where(offs_b == b, first, 0), 0)) // n
-            unit0 = tl.sum(tl.where(offs_b == b, first, 0), 0) + kv_head * n
+            seq0 = tl.sum(tl.where(offs_b == b, first, 0), 0)
+            kv_head = (t - seq0) // n
+            unit0 = seq0 + kv_head * n
             seg_end = tl.minimum(hi, unit0 + n)
             context_len = tl.load(ContextLens + b)
             start = ((t - unit0) * BLOCK_N).to(tl.int32)
@@ -159,11 +161,7 @@ def _decode_streamk_kernel(
                          out.to(Out.dtype.element_ty), mask=gd_mask)  # fmt: skip
             else:
                 slot = 2 * pid + (t != lo).to(tl.int32)
-                tl.store(
-                    PartialOut + (slot * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-                    out,
-                    mask=gd_mask,
-                )
+                tl.store(PartialOut + (slot * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=gd_mask)
                 tl.store(PartialLse + slot * GROUP + offs_g, m_i + tl.log2(l_i), mask=g_mask)
                 if FUSED_MERGE:
                     # Stores happen-before the barrier; the atomic's release (gpu scope) publishes them.
@@ -247,9 +245,10 @@ def paged_decode_attention_streamk(
                 *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride())  # fmt: skip
 
     programs = num_programs
-    if programs is None:
+    if programs is None:  # one wave of the variant that will run (compiled with float32 partials)
+        placeholder = torch.empty(1, device=q.device, dtype=torch.float32)
         per_sm = cfg.programs_per_sm or programs_per_sm(
-            _decode_streamk_kernel, launch_args(1, out, out), meta, q.device
+            _decode_streamk_kernel, launch_args(1, placeholder, placeholder), meta, q.device
         )
         programs = per_sm * num_sms(q.device)
     partial = torch.empty(2 * programs, group, head_dim, device=q.device, dtype=torch.float32)

@@ -158,18 +158,14 @@ def _check_int(name: str, t: torch.Tensor) -> None:
 def _check_device(device: torch.device, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.device != device:
-            raise ValueError(
-                f"{name} is on {t.device} but q/k_cache are on {device}: move them to one device"
-            )
+            raise ValueError(f"{name} is on {t.device} but q/k_cache are on {device}: move them to one device")
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _check_dim("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]")
     _check_dim("v_cache", v_cache, 4, "[num_blocks, block_size, Hkv, D]")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape"
-        )
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if k_cache.dtype not in _FLOAT_DTYPES:
@@ -210,17 +206,13 @@ def _check_attention_args(
         )
 
 
-def _check_new_kv(
-    q: torch.Tensor, k_cache: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None
-) -> None:
+def _check_new_kv(q: torch.Tensor, k_cache: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> None:
     """k_new / v_new: both or neither, [total_q, Hkv, D], the cache's dtype, on its device."""
     if k_new is None and v_new is None:
         return
     if k_new is None or v_new is None:
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
-        raise ValueError(
-            f"{given} was given without {missing}: pass the new tokens' keys and values together"
-        )
+        raise ValueError(f"{given} was given without {missing}: pass the new tokens' keys and values together")
     layout = "[total_q, Hkv, D] (packed like q)"
     _check_dim("k_new", k_new, 3, layout)
     _check_dim("v_new", v_new, 3, layout)
@@ -236,10 +228,8 @@ def _check_new_kv(
 def _check_triton_head_dim(q: torch.Tensor) -> None:
     # A Triton limit, not attention's: the reference takes any head_dim.
     if q.shape[-1] < 16:
-        raise ValueError(
-            f"the Triton kernels need head_dim >= 16 (the smallest tl.dot tile), got {q.shape[-1]}; "
-            "use impl='reference'"
-        )
+        raise ValueError(f"the Triton kernels need head_dim >= 16 (the smallest tl.dot tile), got {q.shape[-1]}; "
+                         "use impl='reference'")
 
 
 def _check_values(k_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
@@ -258,10 +248,7 @@ def _check_values(k_cache: torch.Tensor, block_tables: torch.Tensor, context_len
             f"context_lens[{bad}] = {int(lens[bad])} needs more than the {block_tables.shape[1]} blocks "
             f"x {block_size} tokens its block_tables row holds"
         )
-    used = (
-        torch.arange(block_tables.shape[1], device=lens.device)[None, :]
-        < ((lens + block_size - 1) // block_size)[:, None]
-    )
+    used = torch.arange(block_tables.shape[1], device=lens.device)[None, :] < ((lens + block_size - 1) // block_size)[:, None]
     ids = block_tables[used]
     if bool(((ids < 0) | (ids >= k_cache.shape[0])).any()):
         raise ValueError(f"block_tables holds a block id outside [0, {k_cache.shape[0]}) in a used entry")
@@ -294,9 +281,7 @@ def write_kv_cache(
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
     if k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(
-            f"k rows are [Hkv, D] = {tuple(k.shape[1:])} but the cache holds {tuple(k_cache.shape[2:])}"
-        )
+        raise ValueError(f"k rows are [Hkv, D] = {tuple(k.shape[1:])} but the cache holds {tuple(k_cache.shape[2:])}")
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
@@ -391,9 +376,7 @@ def paged_prefill_attention(
     _check_device(k_cache.device, query_start_loc=query_start_loc)
     batch = context_lens.shape[0]
     if query_start_loc.shape[0] != batch + 1:
-        raise ValueError(
-            f"query_start_loc must have B + 1 = {batch + 1} entries, got {query_start_loc.shape[0]}"
-        )
+        raise ValueError(f"query_start_loc must have B + 1 = {batch + 1} entries, got {query_start_loc.shape[0]}")
     if custom_mask is not None:
         _check_dim("custom_mask", custom_mask, 2, "[total_q, W] bool")
         if custom_mask.dtype != torch.bool:
@@ -421,17 +404,11 @@ def paged_prefill_attention(
             raise ValueError(f"max_query_len = {max_query_len} but a sequence has {longest} new tokens")
         if custom_mask is not None and q.shape[0]:
             if custom_mask.shape[1] < longest:
-                raise ValueError(
-                    f"custom_mask has {custom_mask.shape[1]} columns; the longest q_len is {longest}"
-                )
+                raise ValueError(f"custom_mask has {custom_mask.shape[1]} columns; the longest q_len is {longest}")
             own = starts[:-1].repeat_interleave(q_lens)  # first row of each row's sequence
-            diag = custom_mask[
-                torch.arange(q.shape[0], device=q.device), torch.arange(q.shape[0], device=q.device) - own
-            ]
+            diag = custom_mask[torch.arange(q.shape[0], device=q.device), torch.arange(q.shape[0], device=q.device) - own]
             if not bool(diag.all()):
-                raise ValueError(
-                    "custom_mask must let every new token see itself (its diagonal must be True)"
-                )
+                raise ValueError("custom_mask must let every new token see itself (its diagonal must be True)")
     if resolve_impl(impl, q.device) == "triton":
         _check_triton_head_dim(q)
         with _interpreter_env(q.device):
@@ -440,14 +417,6 @@ def paged_prefill_attention(
                 k_new=k_new, v_new=v_new, max_query_len=max_query_len,
             )  # fmt: skip
     return reference.paged_prefill_attention_ref(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        query_start_loc,
-        scale,
-        custom_mask,
-        k_new=k_new,
-        v_new=v_new,
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
+        k_new=k_new, v_new=v_new,
     )

@@ -107,9 +107,7 @@ def _build():
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=row_mask, other=0.0).to(tl.float32)
         if RESIDUAL:  # the projection's output rounds before the add, as in x + linear(...)
-            y = y.to(dtype).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=row_mask, other=0.0).to(
-                tl.float32
-            )
+            y = y.to(dtype).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(Y + m * stride_ym + rows, y.to(dtype), mask=row_mask)
 
     _kernels["plain"] = _fused_linear_kernel

@@ -43,9 +43,8 @@ def _build_op():
         rows = x.reshape(-1, n)
         out = torch.empty_like(rows)
         block = triton.next_power_of_2(n)
-        wrap_triton(_rms_norm_kernel)[(rows.shape[0],)](
-            rows, weight, out, n, rows.stride(0), out.stride(0), eps, BLOCK=block
-        )
+        wrap_triton(_rms_norm_kernel)[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
+                                                        BLOCK=block)
         return out.reshape(x.shape)
 
     return rms_norm_triton

@@ -102,20 +102,8 @@ def _write_kv_cache_kernel(
     mask = (offs_h[:, None] < num_heads) & keep[:, None] & (offs_d[None, :] < head_dim)
     k = tl.load(K + token * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     v = tl.load(V + token * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    kc = (
-        KCache
-        + block * stride_kcb
-        + offset * stride_kct
-        + offs_h[:, None] * stride_kch
-        + offs_d[None, :] * stride_kcd
-    )
-    vc = (
-        VCache
-        + block * stride_vcb
-        + offset * stride_vct
-        + offs_h[:, None] * stride_vch
-        + offs_d[None, :] * stride_vcd
-    )
+    kc = KCache + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
+    vc = VCache + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
     tl.store(kc, k.to(KCache.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(VCache.dtype.element_ty), mask=mask)
 
@@ -204,10 +192,7 @@ def _decode_range(
         in_block = offs_n % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
-            k_base
-            + block[:, None] * stride_kcb
-            + in_block[:, None] * stride_kct
-            + offs_d[None, :] * stride_kcd,
+            k_base + block[:, None] * stride_kcb + in_block[:, None] * stride_kct + offs_d[None, :] * stride_kcd,
             mask=kv_mask,
             other=0.0,
             eviction_policy=EVICT,
@@ -218,19 +203,14 @@ def _decode_range(
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
         v = tl.load(
-            v_base
-            + block[:, None] * stride_vcb
-            + in_block[:, None] * stride_vct
-            + offs_d[None, :] * stride_vcd,
+            v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
             mask=kv_mask,
             other=0.0,
             eviction_policy=EVICT,
         )
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(
-            p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION
-        )  # accumulate in place
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
         m_i = m_new
     return acc, m_i, l_i
 
@@ -444,9 +424,7 @@ def choose_num_splits(
     return math.ceil(tiles / math.ceil(tiles / splits))
 
 
-def decode_plan(
-    batch: int, num_kv_heads: int, max_context_len: int, sms: int, cfg: DecodeConfig
-) -> tuple[int, bool]:
+def decode_plan(batch: int, num_kv_heads: int, max_context_len: int, sms: int, cfg: DecodeConfig) -> tuple[int, bool]:
     """(splits, prefetch_ids) for a launch: a split context runs one wave of long, deeply pipelined programs.
 
     H200, 1 x 32k, 8 KV heads: 64 splits of plain programs 77.1% of copy bandwidth; with the block ids
@@ -457,9 +435,7 @@ def decode_plan(
     """
     if cfg.prefetch_ids is not None:
         per_sm = 2 if cfg.prefetch_ids else 4
-        return choose_num_splits(
-            batch, num_kv_heads, max_context_len, sms, cfg.block_n, per_sm
-        ), cfg.prefetch_ids
+        return choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, per_sm), cfg.prefetch_ids
     splits = choose_num_splits(batch, num_kv_heads, max_context_len, sms, cfg.block_n, programs_per_sm=2)
     return splits, splits > 1
 
@@ -512,7 +488,7 @@ def choose_schedule(
     max_context_len: int | None = None,
     mean_context_len: float | None = None,
 ) -> str:
-    """ "split" or "streamk" for this launch; "auto" picks stream-K when the split grid would idle.
+    """The schedule for this launch, "split" or "streamk"; "auto" picks stream-K when the split grid would idle.
 
     Two ways it idles, both measured on the H200 (``decode_streamk_h200.json``):
     * a thin last wave: a grid of P programs on S slots (programs per SM x SMs) takes ceil(P / S) waves,
@@ -622,16 +598,10 @@ def paged_decode_attention_triton(
         **launch_options(cfg),
     )  # fmt: skip
     grid = (batch, num_kv_heads, num_splits)
-    if (
-        not forced
-        and choose_schedule(
-            cfg, batch, grid, _decode_split_kernel, args, meta, q.device, max_context_len, mean_context_len
-        )
-        == "streamk"
-    ):
-        return _streamk.paged_decode_attention_streamk(
-            q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg
-        )
+    schedule = "split" if forced else choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device,
+                                                      max_context_len, mean_context_len)  # fmt: skip
+    if schedule == "streamk":
+        return _streamk.paged_decode_attention_streamk(q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg)
     _decode_split_kernel[grid](*args, **meta)
     if not direct and not fused:
         _decode_merge_kernel[(batch, num_heads)](
@@ -1032,9 +1002,7 @@ def paged_prefill_attention_triton(
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    cfg = config or default_extend_config(
-        q.dtype, head_dim, q.device, custom_mask is not None, k_new is not None
-    )
+    cfg = config or default_extend_config(q.dtype, head_dim, q.device, custom_mask is not None, k_new is not None)
     out = torch.empty_like(q)
     if total_q == 0 or batch == 0:
         return out

@@ -39,9 +39,7 @@ def write_kv_cache_ref(
     v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor | None
-) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T * scale) v in float32 for one sequence with grouped KV heads.
 
     q [T, Hq, D]; k, v [S, Hkv, D]; visible [T, S] bool or None -> [T, Hq, D] float32.

@@ -133,15 +133,8 @@ def rope_and_cache(
     q [B, Hq*D], k/v [B, Hkv*D] (column slices of the qkv output are fine), cos/sin [B, D],
     k_pages/v_pages [slots, Hkv, D] (contiguous), slots [B] int64 (distinct).
     """
-    if (
-        k_pages.dim() != 3
-        or v_pages.shape != k_pages.shape
-        or not k_pages.is_contiguous()
-        or not v_pages.is_contiguous()
-    ):
-        raise ValueError(
-            f"k_pages/v_pages must be contiguous [slots, Hkv, D], got {tuple(k_pages.shape)} / {tuple(v_pages.shape)}"
-        )
+    if k_pages.dim() != 3 or v_pages.shape != k_pages.shape or not k_pages.is_contiguous() or not v_pages.is_contiguous():
+        raise ValueError(f"k_pages/v_pages must be contiguous [slots, Hkv, D], got {tuple(k_pages.shape)} / {tuple(v_pages.shape)}")
     B, (_, Hkv, D) = q.shape[0], k_pages.shape
     if D % 2:
         raise ValueError(f"rotary head_dim must be even, got {D}")
@@ -152,10 +145,7 @@ def rope_and_cache(
             raise ValueError(f"{name} must be [{B}, {width}] with unit column stride, got {tuple(t.shape)}")
     if slots.shape != (B,) or slots.dtype != torch.long:
         raise ValueError(f"slots must be a [{B}] int64 tensor, got {tuple(slots.shape)} {slots.dtype}")
-    if (
-        len({t.dtype for t in (q, k, v, k_pages, v_pages)}) != 1
-        or len({t.device for t in (q, k, v, cos, sin, k_pages, v_pages, slots)}) != 1
-    ):
+    if len({t.dtype for t in (q, k, v, k_pages, v_pages)}) != 1 or len({t.device for t in (q, k, v, cos, sin, k_pages, v_pages, slots)}) != 1:
         raise ValueError("q, k, v and the pages must share one dtype, and every tensor one device")
     if q.stride(-1) != 1:
         raise ValueError("q needs a unit column stride")
