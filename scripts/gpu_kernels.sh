@@ -47,6 +47,9 @@ if [ "$MODE" = waves ]; then
             --section MemoryWorkloadAnalysis -k regex:"decode|flash|fmha|attn|sdpa|cudnn|merge|splitkv|combine" \
             python -m nexus_lessons.bench.decode_waves --once $shape > "$OUT/ncu_decode_${shape/ /x}.txt" 2>&1
     done
+    timeout 200 ncu --clock-control none --section WarpStateStats --section SchedulerStats --section InstructionStats \
+        --section LaunchStats -k regex:"decode_split|cudnn" python -m nexus_lessons.bench.decode_waves --once 64 4096 \
+        > "$OUT/ncu_stalls_64x4096.txt" 2>&1
 fi
 echo "gpu tests exit $tests, benchmark exit $bench (124 = timed out)"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

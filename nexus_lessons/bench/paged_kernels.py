@@ -226,7 +226,9 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
                DecodeConfig(64, 4, 4, prefetch_ids=True, **split), DecodeConfig(32, 4, 4, prefetch_ids=True, **split),
                # fewer warps per program: fewer cross-warp reductions per tile, more programs per SM
                DecodeConfig(64, 2, 3, **split), DecodeConfig(64, 2, 2, **split), DecodeConfig(32, 1, 3, **split),
-               DecodeConfig(32, 2, 3, **split)]  # fmt: skip
+               DecodeConfig(32, 2, 3, **split),
+               # 128-token tiles: half the per-tile chains (barriers, reductions) per byte, as cuDNN's 128-key tiles
+               DecodeConfig(128, 4, 2, **split), DecodeConfig(128, 4, 2, prefetch_ids=True, **split)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
