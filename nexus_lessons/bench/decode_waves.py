@@ -112,7 +112,13 @@ def sdpa_kernel_names(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..kernels.paged_attention import _decode_split_kernel, decode_plan, default_decode_config, num_sms
+    from ..kernels.paged_attention import (
+        _decode_split_kernel,
+        decode_plan,
+        default_decode_config,
+        fits_per_sm,
+        num_sms,
+    )
     from ..kernels.paged_attention import paged_decode_attention_triton as ours
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -209,13 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     res["device"] = dict(sms=sms, smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", None),
                          regs_per_sm=getattr(props, "regs_per_multiprocessor", None))  # fmt: skip
     for k in res["decode_kernels"]:
-        regs_limit = (res["device"]["regs_per_sm"] or 65536) // max(
-            1, k["n_regs"] * 32 * (k["num_warps"] or 4)
-        )
-        smem = res["device"]["smem_per_sm"] or 233472
-        k["programs_per_sm"] = min(
-            regs_limit, smem // max(1, (k["shared"] or 0) + 1024), 32 // (k["num_warps"] or 4)
-        )
+        k["programs_per_sm"] = fits_per_sm(k["n_regs"], k["shared"] or 0, k["num_warps"] or 4, torch.device("cuda"))
     print(res["decode_kernels"], flush=True)
     save_json(res, path)
     return 0

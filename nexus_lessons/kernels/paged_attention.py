@@ -467,14 +467,18 @@ def programs_per_sm(kernel: Any, args: tuple, meta: dict[str, Any], device: torc
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         if hasattr(compiled, "_init_handles"):
             compiled._init_handles()  # fills n_regs
-        props = torch.cuda.get_device_properties(device)
-        warps = meta["num_warps"]
-        regs_per_warp = math.ceil(max(1, compiled.n_regs) * 32 / 256) * 256  # allocated 256 at a time
-        by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
-        by_smem = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
-        by_warps = props.max_threads_per_multi_processor // (32 * warps)
-        _FITS[key] = max(1, min(by_regs, by_smem, by_warps, 32))
+        _FITS[key] = fits_per_sm(compiled.n_regs, compiled.metadata.shared, meta["num_warps"], device)
     return _FITS[key]
+
+
+def fits_per_sm(n_regs: int, shared: int, num_warps: int, device: torch.device) -> int:
+    """Programs one SM holds at once given a compiled kernel's registers per thread and shared bytes."""
+    props = torch.cuda.get_device_properties(device)
+    regs_per_warp = math.ceil(max(1, n_regs) * 32 / 256) * 256  # allocated 256 at a time
+    by_regs = props.regs_per_multiprocessor // (regs_per_warp * num_warps)
+    by_smem = props.shared_memory_per_multiprocessor // (shared + 1024)  # 1 KB reserved per program
+    by_warps = props.max_threads_per_multi_processor // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
 def choose_schedule(
