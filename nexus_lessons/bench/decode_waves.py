@@ -13,6 +13,12 @@ A diagnostic for lesson 02's decode kernel (H200, the benchmark's heads: Hq 32, 
   batches whose program count fills whole waves, and SDPA (which splits to balance) does not;
 * which kernels SDPA launches for each benchmark case (torch.profiler names).
 
+``--cases long --name decode_long_h200.json``: where a long single sequence (1 x 32k, 64k, 128k) spends its
+time: the split kernel alone, the merge alone, both, against SDPA and against a plain streaming read of
+the same bytes with as many programs (what any one-wave kernel of that size reaches); and the split
+length fixed on the host (``max_context_len`` given, as ``PagedKVCache`` does) against the old in-kernel
+one.
+
 ``--cases streamk --name decode_streamk_h200.json``: the stream-K schedule (``kernels/decode_streamk.py``)
 and its variants beside the split schedule and SDPA, at the benchmark's shapes, one past a full wave
 (68 x 4096, 272 x 1024), 8 x 32k, and two batches of mixed lengths.
@@ -53,6 +59,61 @@ STREAMK_VARIANTS = [
     ("streamk block_n=32 stages=4", DecodeConfig(block_n=32, num_stages=4, **SK)),
     ("split maxnreg=128 (prefetch when split)", DecodeConfig(maxnreg=128, schedule="split")),
 ]
+
+
+LONG_CASES = [32768, 65536, 131072]
+
+
+class _Skip:
+    """Stands in for a kernel whose launch is to be left out (``kernel[grid](...)`` does nothing)."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def long_case(context: int, copy_gbs: float) -> dict[str, Any]:
+    """Batch 1 x ``context``: the split decode taken apart, beside SDPA and a streaming read of its bytes."""
+    from ..kernels import paged_attention as pa
+
+    data = paged_cache([context], seed=context)
+    q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE)
+    pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
+    nbytes = decode_bytes(1, context)
+    want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
+    row: dict[str, Any] = dict(batch=1, context=context, bytes=nbytes)
+
+    def timed(label: str, fn: Any, check: bool = True) -> None:
+        if check:
+            err = max_err(fn(), want)
+            assert err <= 2e-2, f"{label}: max abs error {err}"
+        ms = time_graph(fn)
+        row[label] = dict(ms=round(ms, 5), pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1))
+        print(f"  {context} {label:40s} {row[label]}", flush=True)
+
+    timed("sdpa", lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
+    timed("ours, split length in the kernel", lambda: pa.paged_decode_attention_triton(*pargs))
+    timed("ours, split length from the host", lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context))
+    timed("ours, host split, merge pdl=end",
+          lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context, config=DecodeConfig(pdl="end")))  # fmt: skip
+    saved = pa._decode_merge_kernel, pa._decode_split_kernel
+    try:
+        pa._decode_merge_kernel = _Skip()
+        timed("split kernel alone (host split)", lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context),
+              check=False)  # fmt: skip
+        pa._decode_merge_kernel, pa._decode_split_kernel = saved[0], _Skip()
+        timed("merge kernel alone", lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context), check=False)
+    finally:
+        pa._decode_merge_kernel, pa._decode_split_kernel = saved
+    kv = torch.cat([data["k"].reshape(-1), data["v"].reshape(-1)])  # the bytes decode reads, contiguous
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for per_sm in (2, 4, 8):
+        partial = torch.empty(sms * per_sm, device="cuda", dtype=torch.float32)
+        timed(f"streaming read, {per_sm} programs/SM",
+              lambda partial=partial: _read_kernel[(partial.numel(),)](kv, partial, kv.numel(), BLOCK=4096, num_warps=8),
+              check=False)  # fmt: skip
+    splits, prefetch = pa.decode_plan(1, HKV, context, sms, pa.default_decode_config(DTYPE, D, q.device))
+    row["plan"] = dict(splits=splits, prefetch_ids=prefetch, programs=HKV * splits)
+    return row
 
 
 @triton.jit
@@ -132,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--cases",
-        choices=("waves", "streamk"),
+        choices=("waves", "streamk", "long"),
         default="waves",
         help="waves: the batch sweep around one wave; streamk: the stream-K schedule's variants",
     )
@@ -152,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     res["read_gbs"] = read_bandwidth_gbs()
     print("copy", res["copy_gbs"], "read", res["read_gbs"], flush=True)
     sms = num_sms(torch.device("cuda"))
+    if args.cases == "long":
+        for context in LONG_CASES:
+            res["cases"].append(long_case(context, res["copy_gbs"]))
+            torch.cuda.empty_cache()  # the case's tensors died with its frame
+            save_json(res, path)
+        return 0
     cases = WAVE_CASES if args.cases == "waves" else STREAMK_CASES
     for batch, context in cases:
         mixed = context == 0  # mixed lengths: uniform in [1, 8192), a fixed draw

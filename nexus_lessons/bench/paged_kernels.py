@@ -181,6 +181,7 @@ class Run:
         self.variants = variants
         self.flex = flex
         self.reserve_s = 0.0  # decode variants leave this much of the budget to the extend cases
+        self.only: str | None = None  # time only the decode variants whose label holds this
         self.results: dict[str, Any] = {
             "benchmark": "paged_kernels",
             "environment": environment(),
@@ -229,11 +230,18 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
                DecodeConfig(32, 2, 3, **split),
                # 128-token tiles: half the per-tile chains (barriers, reductions) per byte, as cuDNN's 128-key tiles
                DecodeConfig(128, 4, 2, **split), DecodeConfig(128, 4, 2, prefetch_ids=True, **split)]  # fmt: skip
+    # one softmax state per warp (no cross-warp max / sum per tile; 2 programs per SM by registers)
+    per_warp = dict(per_warp_softmax=True, **split)
+    configs += [DecodeConfig(64, 4, 2, **per_warp), DecodeConfig(64, 4, 3, **per_warp), DecodeConfig(64, 4, 4, **per_warp),
+                DecodeConfig(64, 4, 3, prefetch_ids=True, **per_warp), DecodeConfig(64, 4, 4, prefetch_ids=True, **per_warp),
+                DecodeConfig(128, 8, 3, **per_warp), DecodeConfig(128, 8, 3, prefetch_ids=True, **per_warp),
+                DecodeConfig(32, 2, 3, **per_warp), DecodeConfig(32, 2, 4, prefetch_ids=True, **per_warp)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
                 + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else "")
-                + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}"))  # fmt: skip
+                + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}")
+                + (" per_warp" if c.per_warp_softmax else ""))  # fmt: skip
 
     out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
     # the schedule: the split grid (what "auto" keeps at these shapes) against one stream-K wave
@@ -246,6 +254,12 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
             out.append((f"splits={s}", None, s))  # default config: block ids prefetched when split
             if s > 1:
                 out.append((f"splits={s} prefetch_ids=off", DecodeConfig(prefetch_ids=False), s))
+    if batch * HKV < 132:  # per-warp state at other split counts (2 programs per SM: 264 slots)
+        for s in (16, 24, 32, 48, 64):
+            if s <= min(MAX_SPLITS, by_length):
+                for c in (DecodeConfig(64, 4, 3, prefetch_ids=True, per_warp_softmax=True),
+                          DecodeConfig(64, 4, 4, prefetch_ids=True, per_warp_softmax=True)):  # fmt: skip
+                    out.append((f"splits={s} {label(c)}", c, s))
     if batch * HKV < 132:  # single-warp programs need more of them to fill the GPU
         for s in (64, 128):
             if s <= min(MAX_SPLITS, by_length):
@@ -368,7 +382,8 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     if not run.variants:
         return
     row["variants"] = []
-    for label, vcfg, vsplits in decode_variants(batch, context, splits)[: run.max_variants]:
+    chosen = [v for v in decode_variants(batch, context, splits) if run.only is None or run.only in v[0]]
+    for label, vcfg, vsplits in chosen[: run.max_variants]:
         if run.left_s() < 30 + run.reserve_s:
             row["variants"].append(dict(variant=label, skipped="time budget"))
             continue
@@ -602,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-only", action="store_true", help="skip the extend cases (a decode tuning run)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, two variants, any device (Triton interpreter on CPU): checks the script")  # fmt: skip
+    parser.add_argument("--only", default=None, help="time only the decode variants whose label holds this text")
     args = parser.parse_args(argv)
     smoke = args.smoke
     if not torch.cuda.is_available():
@@ -614,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         DEV = torch.device("cpu")
     name = "paged_kernels_smoke.json" if smoke else "paged_kernels.json"
     run = Run(Path(args.out) / name, args.budget_s, not args.no_variants, not args.no_flex, 3 if smoke else None)
+    run.only = args.only
     run.reserve_s = 0.0 if smoke or args.decode_only else 0.4 * args.budget_s  # time kept for the extend cases
     failed = False
     run.results["copy_gbs"] = round(copy_bandwidth_gbs(), 1) if DEV.type == "cuda" else None

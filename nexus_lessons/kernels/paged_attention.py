@@ -153,11 +153,14 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
+    # Each warp keeps its own softmax state over its own block_n / num_warps keys of every tile, merged
+    # across warps once at the end (``_decode_range_sliced``); False: one state shared by the program.
+    per_warp_softmax: bool = False
 
 
 @triton.jit
 def _decode_range(
-    q, table, k_base, v_base, start, end, qk_scale,
+    q, table, k_base, v_base, start, end, ids_end, qk_scale,
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
@@ -166,6 +169,8 @@ def _decode_range(
     """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
 
     ``table`` is that sequence's block-table row, ``k_base``/``v_base`` the caches offset to the KV head.
+    ``ids_end`` bounds the block-table read of the first tile (PREFETCH_IDS): ``end``, or a bound the
+    caller knows without loading the context length, so that this read need not wait for that load.
     Shared by the split kernel and the stream-K kernel (``decode_streamk.py``); inlined into both.
     """
     offs_d = tl.arange(0, BLOCK_D)
@@ -175,7 +180,7 @@ def _decode_range(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
         first = start + tl.arange(0, BLOCK_N)
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < end, other=0)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -216,9 +221,73 @@ def _decode_range(
 
 
 @triton.jit
+def _decode_range_sliced(
+    q, table, k_base, v_base, start, end, ids_end, qk_scale,
+    stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr,
+):  # fmt: skip
+    """``_decode_range`` with the tile cut into SLICES runs of keys, each with its own softmax state.
+
+    Written as batched ``tl.dot`` over a leading [SLICES] axis; Triton puts the warps of a batched dot on
+    that axis, so with SLICES = num_warps each warp owns BLOCK_N / SLICES keys of every tile and its own
+    running max, sum and [BLOCK_G, BLOCK_D] accumulator. The per-tile max and sum then never cross warps
+    (no shared-memory round trip or barrier per tile, where the shared-state kernel needs ~5), and the
+    warps' states are merged once, after the loop. The price: every warp holds a whole accumulator.
+    """
+    KEYS: tl.constexpr = BLOCK_N // SLICES
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_tile = tl.arange(0, SLICES)[:, None] * KEYS + tl.arange(0, KEYS)[None, :]  # [SLICES, KEYS]
+    q3 = tl.broadcast_to(q[None, :, :], (SLICES, BLOCK_G, BLOCK_D))
+    m_i = tl.full([SLICES, BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([SLICES, BLOCK_G], tl.float32)
+    acc = tl.zeros([SLICES, BLOCK_G, BLOCK_D], tl.float32)
+    if PREFETCH_IDS:
+        first = start + offs_tile
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_tile
+        n_mask = offs_n < end
+        if PREFETCH_IDS:
+            block = next_block.to(tl.int64)
+            ahead = offs_n + BLOCK_N
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+        else:
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        row = block[:, :, None] * stride_kcb + (offs_n % PAGE_SIZE)[:, :, None] * stride_kct
+        kv_mask = n_mask[:, :, None] & d_mask[None, None, :]
+        k = tl.load(k_base + row + offs_d[None, None, :] * stride_kcd, mask=kv_mask, other=0.0,
+                    eviction_policy=EVICT)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=DOT_PRECISION) * qk_scale  # [SLICES, G, KEYS]
+        s = tl.where(n_mask[:, None, :], s, float("-inf"))
+        # A slice may have seen no key yet (a context shorter than one tile): its max stays -inf, and it
+        # subtracts 0 instead, so alpha and p are exp2(-inf) = 0 rather than exp2(-inf + inf) = nan.
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        v_row = block[:, :, None] * stride_vcb + (offs_n % PAGE_SIZE)[:, :, None] * stride_vct
+        v = tl.load(v_base + v_row + offs_d[None, None, :] * stride_vcd, mask=kv_mask, other=0.0,
+                    eviction_policy=EVICT)  # fmt: skip
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, :, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    # Merge the slices, once: rescale each to the common max (a slice that saw nothing weighs exp2(-inf) = 0).
+    m = tl.max(m_i, 0)
+    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    return tl.sum(acc * w[:, :, None], 0), m, tl.sum(l_i * w, 0)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
-    qk_scale, num_splits, num_kv_heads,
+    qk_scale, num_splits, num_kv_heads, split_tokens, table_tokens,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
@@ -230,7 +299,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
-    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr,
+    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, HOST_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -246,9 +315,19 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(ContextLens + b)
-    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, context_len)
+    if HOST_SPLIT:
+        # Split length from the caller's max context (whole tiles): the range, hence the first block-table
+        # read, is known before the context length arrives, so the two loads overlap (one memory latency
+        # less before the K/V stream starts). The last split takes whatever is left, even past that max.
+        last = split == num_splits - 1
+        start = split * split_tokens
+        end = tl.where(last, context_len, tl.minimum(start + split_tokens, context_len))
+        ids_end = tl.where(last, table_tokens, tl.minimum(start + split_tokens, table_tokens))
+    else:
+        split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, context_len)
+        ids_end = end
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -264,11 +343,18 @@ def _decode_split_kernel(
         q = q.to(tl.float32)
 
     table = BlockTables + b.to(tl.int64) * stride_btb
-    acc, m_i, l_i = _decode_range(
-        q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, qk_scale,
-        stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-        HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
-    )  # fmt: skip
+    if SLICES > 1:
+        acc, m_i, l_i = _decode_range_sliced(
+            q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
+            stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+            HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS, SLICES,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _decode_range(
+            q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
+            stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+            HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+        )  # fmt: skip
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -317,6 +403,12 @@ def _merge_head(
     offs_d = tl.arange(0, BLOCK_D)
     offs_all = tl.arange(0, BLOCK_S)
     lse_row = PartialLse + b * stride_lb + head * stride_lh
+    part_rows = PartialOut + b * stride_pb + head * stride_ph
+    # The first chunk of partials is loaded BEFORE the log-sum-exps are reduced: in program order after
+    # them, its load would wait for the max and sum, two memory round trips in a row instead of one.
+    first = tl.load(part_rows + tl.arange(0, CHUNK_S)[:, None] * stride_ps + offs_d[None, :],
+                    mask=(tl.arange(0, CHUNK_S)[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+                    cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
     lse = tl.load(lse_row + offs_all, mask=offs_all < num_splits, other=float("-inf"),
                   cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
     m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
@@ -327,12 +419,12 @@ def _merge_head(
         s_mask = offs_s < num_splits
         w = tl.exp2(tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"),
                             cache_modifier=".cg" if BYPASS_L1 else "") - m) / total  # fmt: skip
-        parts = tl.load(
-            PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
-            cache_modifier=".cg" if BYPASS_L1 else "",
-        )
+        if c == 0:
+            parts = first
+        else:
+            parts = tl.load(part_rows + offs_s[:, None] * stride_ps + offs_d[None, :],
+                            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+                            cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
         out += tl.sum(parts * w[:, None], 0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)  # fmt: skip
@@ -517,6 +609,17 @@ def choose_schedule(
     return "split" if programs / (waves * slots) >= AUTO_WAVE_FILL else "streamk"
 
 
+def decode_slices(cfg: DecodeConfig) -> int:
+    """SLICES for the decode kernels: num_warps with ``per_warp_softmax`` (checked), else 1."""
+    if not cfg.per_warp_softmax:
+        return 1
+    keys = cfg.block_n // cfg.num_warps
+    if keys * cfg.num_warps != cfg.block_n or keys < 16:
+        raise ValueError(f"per_warp_softmax needs block_n a multiple of 16 x num_warps (tl.dot's smallest N), "
+                         f"got block_n={cfg.block_n}, num_warps={cfg.num_warps}")  # fmt: skip
+    return cfg.num_warps
+
+
 def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
     """A fixed heuristic (autotune does not run under the interpreter, and decode shapes vary per step).
 
@@ -548,8 +651,10 @@ def paged_decode_attention_triton(
     the split schedule, whatever ``config.schedule`` says). ``mean_context_len``, when the caller knows
     it, tells the "auto" schedule whether the lengths are spread (``choose_schedule``).
 
-    ``max_context_len`` (an upper bound on ``context_lens``) only steers the split heuristic; without it
-    the block table's width is used, so nothing has to be read back from the GPU.
+    ``max_context_len`` (an upper bound on ``context_lens``; without it the block table's width is used,
+    so nothing has to be read back from the GPU) steers the split heuristic, and when given also fixes
+    each split's share of the context on the host (``HOST_SPLIT``). A bound that is too small costs
+    speed, not correctness: the last split takes the rest.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -558,8 +663,10 @@ def paged_decode_attention_triton(
     cfg = config or default_decode_config(q.dtype, head_dim, q.device)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"DecodeConfig.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    table_tokens = block_tables.shape[1] * k_cache.shape[1]
+    host_split = max_context_len is not None  # a bound the caller vouches for, not just the table's width
     if max_context_len is None:
-        max_context_len = block_tables.shape[1] * k_cache.shape[1]
+        max_context_len = table_tokens
     planned, prefetch = decode_plan(batch, num_kv_heads, max_context_len, num_sms(q.device), cfg)
     forced = num_splits is not None
     if num_splits is None:
@@ -589,6 +696,7 @@ def paged_decode_attention_triton(
     args = (
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
         scale * LOG2E, num_splits, num_kv_heads,
+        math.ceil(math.ceil(max_context_len / num_splits) / cfg.block_n) * cfg.block_n, table_tokens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
     )  # fmt: skip
@@ -597,7 +705,8 @@ def paged_decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
-        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
+        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch, SLICES=decode_slices(cfg),
+        HOST_SPLIT=host_split and not direct,
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         **launch_options(cfg),
     )  # fmt: skip
