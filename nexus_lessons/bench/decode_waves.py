@@ -95,6 +95,11 @@ def long_case(context: int, copy_gbs: float) -> dict[str, Any]:
     timed("ours, split length from the host", lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context))
     timed("ours, host split, merge pdl=end",
           lambda: pa.paged_decode_attention_triton(*pargs, max_context_len=context, config=DecodeConfig(pdl="end")))  # fmt: skip
+    timed("ours, host split, fused merge", lambda: pa.paged_decode_attention_triton(
+        *pargs, max_context_len=context, config=DecodeConfig(fused_merge=True)))  # fmt: skip
+    for splits in (24, 40, 48, 64):
+        timed(f"ours, host split, {splits} splits",
+              lambda splits=splits: pa.paged_decode_attention_triton(*pargs, max_context_len=context, num_splits=splits))  # fmt: skip
     saved = pa._decode_merge_kernel, pa._decode_split_kernel
     try:
         pa._decode_merge_kernel = _Skip()

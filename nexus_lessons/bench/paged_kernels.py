@@ -241,8 +241,13 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
                 + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else "")
                 + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}")
-                + (" per_warp" if c.per_warp_softmax else ""))  # fmt: skip
+                + (" per_warp" if c.per_warp_softmax else "") + (" heads_first" if c.heads_first else "")
+                + (" table_evict_last" if c.table_evict_last else ""))  # fmt: skip
 
+    # launch order and L2 hints: one sequence's KV heads side by side (they share every page), the block
+    # table kept in L2 while K/V stream past it
+    configs += [DecodeConfig(heads_first=True), DecodeConfig(table_evict_last=True),
+                DecodeConfig(heads_first=True, table_evict_last=True)]  # fmt: skip
     out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
     # the schedule: the split grid (what "auto" keeps at these shapes) against one stream-K wave
     out += [("schedule=streamk", DecodeConfig(schedule="streamk"), None),
@@ -292,8 +297,8 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     row["ours_config"] = dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, num_splits=splits,
                               prefetch_ids=prefetch)  # fmt: skip
 
-    def ours():
-        return paged_decode_attention_triton(*args)
+    def ours():  # the bound on the lengths is passed, as PagedKVCache does
+        return paged_decode_attention_triton(*args, max_context_len=context)
 
     def sdpa():
         return F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
@@ -322,7 +327,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
             mcfg = replace(cfg, **how)
 
             def merged(mcfg=mcfg):
-                return paged_decode_attention_triton(*args, config=mcfg)
+                return paged_decode_attention_triton(*args, config=mcfg, max_context_len=context)
 
             err = max_err(merged(), ref_sdpa)
             check(f"{name} merge={label}", err, 2e-2)
@@ -367,7 +372,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
             for label, mcfg in (("default", cfg),):
 
                 def ident(mcfg=mcfg):
-                    return paged_decode_attention_triton(*diag_args, config=mcfg)
+                    return paged_decode_attention_triton(*diag_args, config=mcfg, max_context_len=context)
 
                 err = max_err(ident(), ref_sdpa)
                 check(f"{name} unshuffled {label}", err, 2e-2)
@@ -382,14 +387,15 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     if not run.variants:
         return
     row["variants"] = []
-    chosen = [v for v in decode_variants(batch, context, splits) if run.only is None or run.only in v[0]]
+    wanted = None if run.only is None else run.only.split("|")
+    chosen = [v for v in decode_variants(batch, context, splits) if wanted is None or any(w in v[0] for w in wanted)]
     for label, vcfg, vsplits in chosen[: run.max_variants]:
         if run.left_s() < 30 + run.reserve_s:
             row["variants"].append(dict(variant=label, skipped="time budget"))
             continue
         try:
             def call(vcfg=vcfg, vsplits=vsplits):
-                return paged_decode_attention_triton(*args, config=vcfg, num_splits=vsplits)
+                return paged_decode_attention_triton(*args, config=vcfg, num_splits=vsplits, max_context_len=context)
 
             err = max_err(call(), ref_sdpa)
             check(f"{name} {label}", err, 2e-2)
@@ -411,7 +417,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
         hnd_args = (q, k_hnd, v_hnd, data["block_tables"], data["context_lens"])
         for label, vcfg in (("layout=HND", None), ("layout=HND block_n=128 warps=8", DecodeConfig(128, 8, 2, schedule="split"))):
             def hnd(vcfg=vcfg):
-                return paged_decode_attention_triton(*hnd_args, config=vcfg)
+                return paged_decode_attention_triton(*hnd_args, config=vcfg, max_context_len=context)
 
             err = max_err(hnd(), ref_sdpa)
             check(f"{name} {label}", err, 2e-2)
@@ -617,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-only", action="store_true", help="skip the extend cases (a decode tuning run)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, two variants, any device (Triton interpreter on CPU): checks the script")  # fmt: skip
-    parser.add_argument("--only", default=None, help="time only the decode variants whose label holds this text")
+    parser.add_argument("--only", default=None,
+                        help="time only the decode variants whose label holds one of these |-separated texts")  # fmt: skip
     args = parser.parse_args(argv)
     smoke = args.smoke
     if not torch.cuda.is_available():

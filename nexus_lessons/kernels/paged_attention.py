@@ -156,6 +156,8 @@ class DecodeConfig:
     # Each warp keeps its own softmax state over its own block_n / num_warps keys of every tile, merged
     # across warps once at the end (``_decode_range_sliced``); False: one state shared by the program.
     per_warp_softmax: bool = False
+    heads_first: bool = False  # split grid (Hkv, B, splits): one sequence's KV heads are neighbours in launch order
+    table_evict_last: bool = False  # block-table and length loads ask L2 to keep them (K/V streams past)
 
 
 @triton.jit
@@ -164,7 +166,7 @@ def _decode_range(
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, TABLE_EVICT: tl.constexpr = "",
 ):  # fmt: skip
     """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
 
@@ -180,7 +182,8 @@ def _decode_range(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
         first = start + tl.arange(0, BLOCK_N)
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0,
+                             eviction_policy=TABLE_EVICT)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -191,9 +194,11 @@ def _decode_range(
             # them as indirect loads (one buffer at 3 stages: one tile in flight per program).
             block = next_block.to(tl.int64)
             ahead = offs_n + BLOCK_N
-            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0,
+                                 eviction_policy=TABLE_EVICT)
         else:
-            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0,
+                            eviction_policy=TABLE_EVICT).to(tl.int64)
         in_block = offs_n % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
@@ -226,7 +231,7 @@ def _decode_range_sliced(
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, TABLE_EVICT: tl.constexpr = "",
 ):  # fmt: skip
     """``_decode_range`` with the tile cut into SLICES runs of keys, each with its own softmax state.
 
@@ -246,16 +251,19 @@ def _decode_range_sliced(
     acc = tl.zeros([SLICES, BLOCK_G, BLOCK_D], tl.float32)
     if PREFETCH_IDS:
         first = start + offs_tile
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0,
+                             eviction_policy=TABLE_EVICT)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_tile
         n_mask = offs_n < end
         if PREFETCH_IDS:
             block = next_block.to(tl.int64)
             ahead = offs_n + BLOCK_N
-            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0,
+                                 eviction_policy=TABLE_EVICT)
         else:
-            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0,
+                            eviction_policy=TABLE_EVICT).to(tl.int64)
         row = block[:, :, None] * stride_kcb + (offs_n % PAGE_SIZE)[:, :, None] * stride_kct
         kv_mask = n_mask[:, :, None] & d_mask[None, None, :]
         k = tl.load(k_base + row + offs_d[None, None, :] * stride_kcd, mask=kv_mask, other=0.0,
@@ -300,6 +308,7 @@ def _decode_split_kernel(
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
     PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, HOST_SPLIT: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, TABLE_EVICT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -311,10 +320,14 @@ def _decode_split_kernel(
     """
     if PDL_START:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:  # the KV heads of one sequence run side by side: they read the same pages together
+        kv_head = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    context_len = tl.load(ContextLens + b)
+    context_len = tl.load(ContextLens + b, eviction_policy=TABLE_EVICT)
     if HOST_SPLIT:
         # Split length from the caller's max context (whole tiles): the range, hence the first block-table
         # read, is known before the context length arrives, so the two loads overlap (one memory latency
@@ -348,12 +361,14 @@ def _decode_split_kernel(
             q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
             stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
             HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS, SLICES,
+            TABLE_EVICT,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _decode_range(
             q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
             stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
             HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+            TABLE_EVICT,
         )  # fmt: skip
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -706,11 +721,12 @@ def paged_decode_attention_triton(
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch, SLICES=decode_slices(cfg),
-        HOST_SPLIT=host_split and not direct,
+        HOST_SPLIT=host_split and not direct, HEADS_FIRST=cfg.heads_first,
+        TABLE_EVICT="evict_last" if cfg.table_evict_last else "",
         CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
         **launch_options(cfg),
     )  # fmt: skip
-    grid = (batch, num_kv_heads, num_splits)
+    grid = (num_kv_heads, batch, num_splits) if cfg.heads_first else (batch, num_kv_heads, num_splits)
     schedule = "split" if forced else choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device,
                                                       max_context_len, mean_context_len)  # fmt: skip
     if schedule == "streamk":
