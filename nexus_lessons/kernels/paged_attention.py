@@ -306,7 +306,8 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    PDL: tl.constexpr,
     PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, HOST_SPLIT: tl.constexpr,
     HEADS_FIRST: tl.constexpr, TABLE_EVICT: tl.constexpr,
 ):  # fmt: skip
@@ -392,57 +393,52 @@ def _decode_split_kernel(
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits - 1:
                 tl.debug_barrier()  # the whole program reads after the (one-thread) acquire
-                for g in tl.static_range(GROUP):
-                    _merge_head(PartialOut, PartialLse, Out, b, kv_head * GROUP + g, num_splits,
-                                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                                stride_ob, stride_oh, stride_od, HEAD_DIM, BLOCK_S, BLOCK_D, CHUNK_S, True)  # fmt: skip
+                _merge_heads(PartialOut, PartialLse, Out, b, kv_head * GROUP, num_splits,
+                             stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
+                             GROUP, HEAD_DIM, BLOCK_GM, BLOCK_S, BLOCK_D, CHUNK_S)  # fmt: skip
                 tl.store(counter, 0)  # reset for the next launch (stream order makes it visible there)
 
 
 @triton.jit
-def _merge_head(
-    PartialOut, PartialLse, Out, b, head, num_splits,
+def _merge_heads(
+    PartialOut, PartialLse, Out, b, head0, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
-    BYPASS_L1: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
 ):  # fmt: skip
-    """out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse_total), for one (b, head).
+    """The fused merge: heads [head0, head0 + GROUP) of sequence b at once, CHUNK_S splits at a time.
 
-    The splits are loaded CHUNK_S at a time in an unrolled loop with no dependence between the loads (the
-    two-kernel merge: all at once), not one split per iteration: sequential loads would cost one memory
-    latency per split, which matters at 40 microseconds a step. The fused merge runs inside the split
-    kernel with its 4 warps, so it takes chunks small enough not to spill. BYPASS_L1 (fused): the
-    partials were written by other SMs during this launch, so read them from L2 (``.cg``), never from a
-    line this SM's L1 might hold.
+    Runs in the tail of the last split to finish, where nothing else hides its latency, so it makes one
+    round trip to L2, not one per head: every chunk's loads are independent of the others' (an online
+    log-sum-exp merge across chunks), and there is no store until the end. Reads bypass L1 (``.cg``): the
+    partials were written by other SMs during this launch.
     """
+    offs_g = tl.arange(0, BLOCK_GM)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_all = tl.arange(0, BLOCK_S)
-    lse_row = PartialLse + b * stride_lb + head * stride_lh
-    part_rows = PartialOut + b * stride_pb + head * stride_ph
-    # The first chunk of partials is loaded BEFORE the log-sum-exps are reduced: in program order after
-    # them, its load would wait for the max and sum, two memory round trips in a row instead of one.
-    first = tl.load(part_rows + tl.arange(0, CHUNK_S)[:, None] * stride_ps + offs_d[None, :],
-                    mask=(tl.arange(0, CHUNK_S)[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0,
-                    cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
-    lse = tl.load(lse_row + offs_all, mask=offs_all < num_splits, other=float("-inf"),
-                  cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
-    m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
-    total = tl.sum(tl.exp2(lse - m), 0)
-    out = tl.zeros([BLOCK_D], tl.float32)
+    heads = head0 + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    m = tl.full([BLOCK_GM], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_GM], tl.float32)
+    acc = tl.zeros([BLOCK_GM, BLOCK_D], tl.float32)
     for c in tl.static_range(BLOCK_S // CHUNK_S):
         offs_s = c * CHUNK_S + tl.arange(0, CHUNK_S)
-        s_mask = offs_s < num_splits
-        w = tl.exp2(tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"),
-                            cache_modifier=".cg" if BYPASS_L1 else "") - m) / total  # fmt: skip
-        if c == 0:
-            parts = first
-        else:
-            parts = tl.load(part_rows + offs_s[:, None] * stride_ps + offs_d[None, :],
-                            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
-                            cache_modifier=".cg" if BYPASS_L1 else "")  # fmt: skip
-        out += tl.sum(parts * w[:, None], 0)
-    tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)  # fmt: skip
+        gs_mask = g_mask[:, None] & (offs_s[None, :] < num_splits)
+        lse = tl.load(PartialLse + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :], mask=gs_mask,
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        parts = tl.load(PartialOut + b * stride_pb + heads[:, None, None] * stride_ph + offs_s[None, :, None] * stride_ps
+                        + offs_d[None, None, :], mask=gs_mask[:, :, None] & d_mask[None, None, :], other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a padded head (or empty chunk) sees only -inf
+        alpha = tl.exp2(m - m_sub)
+        w = tl.exp2(lse - m_sub[:, None])
+        total = total * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], 1)
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -453,12 +449,27 @@ def _decode_merge_kernel(
     stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (b, head): the two-kernel merge (``DecodeConfig.fused_merge=False``), see ``_merge_head``."""
+    """Program (b, head): out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse_total) (the two-kernel merge).
+
+    All splits are loaded at once, the partials BEFORE the log-sum-exps are reduced: in program order
+    after them, their load would wait for the max and sum, two memory round trips in a row instead of one
+    (1 x 32k on the H200: the merge is ~6% of the step).
+    """
     if PDL:  # launched early: wait until the split kernel has finished and its writes are visible
         gdc_wait()
-    _merge_head(PartialOut, PartialLse, Out, tl.program_id(0), tl.program_id(1), num_splits,
-                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
-                HEAD_DIM, BLOCK_S, BLOCK_D, BLOCK_S, False)  # fmt: skip
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    parts = tl.load(PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # fmt: skip
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
+    w = tl.exp2(lse - m)
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
 _COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
@@ -723,7 +734,8 @@ def paged_decode_attention_triton(
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch, SLICES=decode_slices(cfg),
         HOST_SPLIT=host_split and not direct, HEADS_FIRST=cfg.heads_first,
         TABLE_EVICT="evict_last" if cfg.table_evict_last else "",
-        CHUNK_S=min(block_s, max(2, 8192 // block_d)),  # <= 64 fp32 per thread at 4 warps
+        BLOCK_GM=triton.next_power_of_2(group),
+        CHUNK_S=min(block_s, max(2, 16384 // (block_d * triton.next_power_of_2(group)))),  # 128 fp32 / thread
         **launch_options(cfg),
     )  # fmt: skip
     grid = (num_kv_heads, batch, num_splits) if cfg.heads_first else (batch, num_kv_heads, num_splits)
