@@ -300,10 +300,12 @@ def test_decode_prefetched_block_ids(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_fused_merge(dtype):
-    """The last split to arrive merges: many splits (some empty), against the oracle and the two-kernel
-    merge; a second call on the same counter workspace proves the counters were reset to 0."""
-    bs, hkv, group, d = 16, 2, 4, 32
+@pytest.mark.parametrize("group", [3, 4])
+def test_decode_fused_merge(dtype, group):
+    """The last split to arrive merges all GROUP heads at once (3: one padded head in its tile): many
+    splits (some empty), against the oracle and the two-kernel merge; a second call on the same counter
+    workspace proves the counters were reset to 0."""
+    bs, hkv, d = 16, 2, 32
     lens = [1, 47, 130, 96, 16]
     k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=21)
     q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
@@ -326,7 +328,38 @@ def test_decode_fused_merge(dtype):
         assert_close(a, want, dtype, f"fused splits={splits}")
         assert torch.equal(a, b), "a second call on the same workspace differs"
         torch.testing.assert_close(a, c, atol=TOL[dtype] / 4, rtol=0)
-    assert not pa.DecodeConfig().fused_merge  # the default: two kernels (faster on the H200)
+    assert pa.DecodeConfig().fused_merge is None  # the default: fused on the split schedule
+
+
+@needs_triton
+@pytest.mark.parametrize("bound", ["tight", "loose", "too small"])
+def test_decode_host_split(bound):
+    """``max_context_len`` given: each split's share comes from it on the host. A loose bound leaves late
+    splits empty; one below the real lengths must still cover every token (the last split takes the rest)."""
+    bs, hkv, group, d = 16, 2, 4, 32
+    lens = [1, 47, 130, 96, 16, 200]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=23)
+    q = torch.randn(len(lens), hkv * group, d).to(DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    max_len = {"tight": max(lens), "loose": 3 * max(lens), "too small": 50}[bound]
+    for fused in (False, True):
+        cfg = pa.DecodeConfig(block_n=16, num_warps=4, num_stages=1, fused_merge=fused)
+        for splits in (2, 5, 13):
+            got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits,
+                                                   max_context_len=max_len, config=cfg)  # fmt: skip
+            assert_close(got, want, torch.float32, f"{bound} bound, {splits} splits, fused={fused}")
+
+
+def test_default_decode_config_many_programs(monkeypatch):
+    """One-warp 32-token programs only when B x Hkv gives many programs per SM, only for 16-bit K/V."""
+    monkeypatch.setattr(pa, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    few = pa.default_decode_config(torch.bfloat16, 128, cuda, 64 * 8)
+    many = pa.default_decode_config(torch.bfloat16, 128, cuda, 256 * 8)
+    assert (few.block_n, few.num_warps) == (64, 4)
+    assert (many.block_n, many.num_warps, many.schedule) == (32, 1, "split")
+    assert pa.default_decode_config(torch.bfloat16, 128, cuda) == few  # programs unknown: the usual tile
+    assert pa.default_decode_config(torch.float32, 128, cuda, 256 * 8).num_warps == 4
 
 
 @needs_triton

@@ -230,24 +230,13 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
                DecodeConfig(32, 2, 3, **split),
                # 128-token tiles: half the per-tile chains (barriers, reductions) per byte, as cuDNN's 128-key tiles
                DecodeConfig(128, 4, 2, **split), DecodeConfig(128, 4, 2, prefetch_ids=True, **split)]  # fmt: skip
-    # one softmax state per warp (no cross-warp max / sum per tile; 2 programs per SM by registers)
-    per_warp = dict(per_warp_softmax=True, **split)
-    configs += [DecodeConfig(64, 4, 2, **per_warp), DecodeConfig(64, 4, 3, **per_warp), DecodeConfig(64, 4, 4, **per_warp),
-                DecodeConfig(64, 4, 3, prefetch_ids=True, **per_warp), DecodeConfig(64, 4, 4, prefetch_ids=True, **per_warp),
-                DecodeConfig(128, 8, 3, **per_warp), DecodeConfig(128, 8, 3, prefetch_ids=True, **per_warp),
-                DecodeConfig(32, 2, 3, **per_warp), DecodeConfig(32, 2, 4, prefetch_ids=True, **per_warp)]  # fmt: skip
 
     def label(c: DecodeConfig) -> str:
         return (f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}" + (" evict_first" if c.evict_first else "")
-                + (" merge=fused" if c.fused_merge else "") + (f" pdl={c.pdl}" if c.pdl != "off" else "")
-                + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}")
-                + (" per_warp" if c.per_warp_softmax else "") + (" heads_first" if c.heads_first else "")
-                + (" table_evict_last" if c.table_evict_last else ""))  # fmt: skip
+                + ("" if c.fused_merge is None else f" merge={'fused' if c.fused_merge else 'two_kernel'}")
+                + (f" pdl={c.pdl}" if c.pdl != "off" else "")
+                + ("" if c.prefetch_ids is None else f" prefetch_ids={'on' if c.prefetch_ids else 'off'}"))  # fmt: skip
 
-    # launch order and L2 hints: one sequence's KV heads side by side (they share every page), the block
-    # table kept in L2 while K/V stream past it
-    configs += [DecodeConfig(heads_first=True), DecodeConfig(table_evict_last=True),
-                DecodeConfig(heads_first=True, table_evict_last=True)]  # fmt: skip
     out: list[tuple[str, Any, int | None]] = [(label(c), c, None) for c in configs]
     # the schedule: the split grid (what "auto" keeps at these shapes) against one stream-K wave
     out += [("schedule=streamk", DecodeConfig(schedule="streamk"), None),
@@ -259,12 +248,6 @@ def decode_variants(batch: int, context: int, splits_auto: int) -> list[tuple[st
             out.append((f"splits={s}", None, s))  # default config: block ids prefetched when split
             if s > 1:
                 out.append((f"splits={s} prefetch_ids=off", DecodeConfig(prefetch_ids=False), s))
-    if batch * HKV < 132:  # per-warp state at other split counts (2 programs per SM: 264 slots)
-        for s in (16, 24, 32, 48, 64):
-            if s <= min(MAX_SPLITS, by_length):
-                for c in (DecodeConfig(64, 4, 3, prefetch_ids=True, per_warp_softmax=True),
-                          DecodeConfig(64, 4, 4, prefetch_ids=True, per_warp_softmax=True)):  # fmt: skip
-                    out.append((f"splits={s} {label(c)}", c, s))
     if batch * HKV < 132:  # single-warp programs need more of them to fill the GPU
         for s in (64, 128):
             if s <= min(MAX_SPLITS, by_length):
@@ -292,7 +275,7 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     data = paged_cache([context] * batch, seed=batch * 7 + context)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=DTYPE)
     args = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
-    cfg = default_decode_config(DTYPE, D, q.device)
+    cfg = default_decode_config(DTYPE, D, q.device, batch * HKV)  # what the launcher picks for this grid
     splits, prefetch = decode_plan(batch, HKV, context, num_sms(q.device), cfg)
     row["ours_config"] = dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, num_splits=splits,
                               prefetch_ids=prefetch)  # fmt: skip

@@ -158,8 +158,6 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
 
     out = [("write bf16", write(torch.bfloat16)), ("decode bf16 1 split", decode(torch.bfloat16, 1)),
            ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
-           ("decode bf16 per-warp", decode(torch.bfloat16, 1, per_warp_softmax=True)),
-           ("decode bf16 per-warp 8 sp", decode(torch.bfloat16, 8, per_warp_softmax=True)),
            ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
            ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
            ("extend bf16 causal", extend(torch.bfloat16, False)),

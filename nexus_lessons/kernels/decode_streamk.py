@@ -31,10 +31,8 @@ from .paged_attention import (
     LOG2E,
     DecodeConfig,
     _decode_range,
-    _decode_range_sliced,
     _dot_precision,
     _upcast,
-    decode_slices,
     default_decode_config,
     launch_options,
     merge_counters,
@@ -121,7 +119,7 @@ def _decode_streamk_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, FUSED_MERGE: tl.constexpr, SLICES: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program p: tiles [p*T//P, (p+1)*T//P) of the batch's work, one segment per unit it touches."""
     pid = tl.program_id(0)
@@ -152,19 +150,11 @@ def _decode_streamk_kernel(
             if UPCAST:
                 q = q.to(tl.float32)
             table = BlockTables + b.to(tl.int64) * stride_btb
-            if SLICES > 1:
-                acc, m_i, l_i = _decode_range_sliced(
-                    q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, end, qk_scale,
-                    stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-                    HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
-                    SLICES,
-                )  # fmt: skip
-            else:
-                acc, m_i, l_i = _decode_range(
-                    q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, end, qk_scale,
-                    stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-                    HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
-                )  # fmt: skip
+            acc, m_i, l_i = _decode_range(
+                q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, end, qk_scale,
+                stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+                HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+            )  # fmt: skip
             out = acc / l_i[:, None]  # every segment holds >= 1 token, so l_i > 0 (padded heads too)
             if (t == unit0) & (seg_end == unit0 + n):
                 tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -246,7 +236,7 @@ def paged_decode_attention_streamk(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", PREFETCH_IDS=cfg.prefetch_ids is not False,
-        FUSED_MERGE=cfg.fused_merge, SLICES=decode_slices(cfg), **launch_options(cfg),
+        FUSED_MERGE=bool(cfg.fused_merge), **launch_options(cfg),
     )  # fmt: skip
 
     def launch_args(programs: int, partial: torch.Tensor, lse: torch.Tensor) -> tuple:

@@ -15,11 +15,15 @@ Design notes, the "why" of the code below:
   ``tl.dot`` shape): each KV byte is read once, not once per query head; (2) a tile spans several
   pages, gathered through the block table, so each iteration has enough bytes in flight; (3) the context
   is split across programs (flash-decoding) when ``B * Hkv`` alone cannot fill the GPU: each split writes
-  a partial output and its log-sum-exp, and a small second kernel merges them, one program per query
-  head. Merging inside the split kernel (the LAST split of each (sequence, KV head) to finish merges,
-  found with an arrival counter, ``fused_merge``) saves that launch but was 13% slower on the H200 at
-  1 x 32k: 8 programs then read all partials while the GPU idles, against 32 in the merge kernel. The
-  merge kernel can instead start early with programmatic dependent launch (``pdl``, Hopper).
+  a partial output and its log-sum-exp, and the LAST split of each (sequence, KV head) to finish, found
+  with an arrival counter, merges them (``fused_merge``). That merge runs while the GPU idles, so it
+  must be one round trip to L2: all GROUP heads and all splits loaded at once (merging one head at a
+  time, two trips each, made it 8% slower than a second merge kernel at 1 x 32k on the H200; now it is
+  0.5-0.7 us faster). ``fused_merge=False`` is the two-kernel merge, which can start early with
+  programmatic dependent launch (``pdl``, Hopper; no gain measured).
+* The split's share of the context comes from the caller's ``max_context_len`` when given: then the
+  first block-table read does not wait for the context length to arrive (one memory latency less before
+  the K/V stream starts, ~1% at 1 x 32k).
 * Softmax is online and in float32, in base 2: the scale is multiplied by log2(e) once so the inner loop
   uses ``exp2``; the log-sum-exps passed between the two decode kernels are base 2 too.
 * Extend (many new tokens per sequence) is compute-bound: a FlashAttention-2 style kernel over pages,
@@ -139,7 +143,10 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     evict_first: bool = False  # hint L2 to drop K/V first (each byte is read once per step)
-    fused_merge: bool = False  # split-KV: the last split to arrive merges (False: a second merge kernel)
+    # Split-KV: the last split to arrive merges (False: a second merge kernel). None: fused on the split
+    # schedule (1 x 32k on the H200: 0.5-0.7 us less per step, decode_long_h200.json), two kernels on
+    # stream-K (where it measured mixed, decode_streamk_h200.json).
+    fused_merge: bool | None = None
     # The merge kernel as a programmatic dependent launch (sm_90+, not interpreted): "off"; "end" (the
     # split programs allow it once their partials are stored); "start" (allowed at once: the merge
     # programs are resident and waiting when the last split finishes, at the cost of their SM slots)
@@ -153,11 +160,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # Each warp keeps its own softmax state over its own block_n / num_warps keys of every tile, merged
-    # across warps once at the end (``_decode_range_sliced``); False: one state shared by the program.
-    per_warp_softmax: bool = False
-    heads_first: bool = False  # split grid (Hkv, B, splits): one sequence's KV heads are neighbours in launch order
-    table_evict_last: bool = False  # block-table and length loads ask L2 to keep them (K/V streams past)
 
 
 @triton.jit
@@ -166,7 +168,7 @@ def _decode_range(
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, TABLE_EVICT: tl.constexpr = "",
+    PREFETCH_IDS: tl.constexpr,
 ):  # fmt: skip
     """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
 
@@ -182,8 +184,7 @@ def _decode_range(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
         first = start + tl.arange(0, BLOCK_N)
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0,
-                             eviction_policy=TABLE_EVICT)
+        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -194,11 +195,9 @@ def _decode_range(
             # them as indirect loads (one buffer at 3 stages: one tile in flight per program).
             block = next_block.to(tl.int64)
             ahead = offs_n + BLOCK_N
-            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0,
-                                 eviction_policy=TABLE_EVICT)
+            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
         else:
-            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0,
-                            eviction_policy=TABLE_EVICT).to(tl.int64)
+            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
         in_block = offs_n % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
@@ -226,73 +225,6 @@ def _decode_range(
 
 
 @triton.jit
-def _decode_range_sliced(
-    q, table, k_base, v_base, start, end, ids_end, qk_scale,
-    stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, TABLE_EVICT: tl.constexpr = "",
-):  # fmt: skip
-    """``_decode_range`` with the tile cut into SLICES runs of keys, each with its own softmax state.
-
-    Written as batched ``tl.dot`` over a leading [SLICES] axis; Triton puts the warps of a batched dot on
-    that axis, so with SLICES = num_warps each warp owns BLOCK_N / SLICES keys of every tile and its own
-    running max, sum and [BLOCK_G, BLOCK_D] accumulator. The per-tile max and sum then never cross warps
-    (no shared-memory round trip or barrier per tile, where the shared-state kernel needs ~5), and the
-    warps' states are merged once, after the loop. The price: every warp holds a whole accumulator.
-    """
-    KEYS: tl.constexpr = BLOCK_N // SLICES
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    offs_tile = tl.arange(0, SLICES)[:, None] * KEYS + tl.arange(0, KEYS)[None, :]  # [SLICES, KEYS]
-    q3 = tl.broadcast_to(q[None, :, :], (SLICES, BLOCK_G, BLOCK_D))
-    m_i = tl.full([SLICES, BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([SLICES, BLOCK_G], tl.float32)
-    acc = tl.zeros([SLICES, BLOCK_G, BLOCK_D], tl.float32)
-    if PREFETCH_IDS:
-        first = start + offs_tile
-        next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0,
-                             eviction_policy=TABLE_EVICT)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + offs_tile
-        n_mask = offs_n < end
-        if PREFETCH_IDS:
-            block = next_block.to(tl.int64)
-            ahead = offs_n + BLOCK_N
-            next_block = tl.load(table + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0,
-                                 eviction_policy=TABLE_EVICT)
-        else:
-            block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0,
-                            eviction_policy=TABLE_EVICT).to(tl.int64)
-        row = block[:, :, None] * stride_kcb + (offs_n % PAGE_SIZE)[:, :, None] * stride_kct
-        kv_mask = n_mask[:, :, None] & d_mask[None, None, :]
-        k = tl.load(k_base + row + offs_d[None, None, :] * stride_kcd, mask=kv_mask, other=0.0,
-                    eviction_policy=EVICT)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=DOT_PRECISION) * qk_scale  # [SLICES, G, KEYS]
-        s = tl.where(n_mask[:, None, :], s, float("-inf"))
-        # A slice may have seen no key yet (a context shorter than one tile): its max stays -inf, and it
-        # subtracts 0 instead, so alpha and p are exp2(-inf) = 0 rather than exp2(-inf + inf) = nan.
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, 2)
-        v_row = block[:, :, None] * stride_vcb + (offs_n % PAGE_SIZE)[:, :, None] * stride_vct
-        v = tl.load(v_base + v_row + offs_d[None, None, :] * stride_vcd, mask=kv_mask, other=0.0,
-                    eviction_policy=EVICT)  # fmt: skip
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, :, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    # Merge the slices, once: rescale each to the common max (a slice that saw nothing weighs exp2(-inf) = 0).
-    m = tl.max(m_i, 0)
-    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    return tl.sum(acc * w[:, :, None], 0), m, tl.sum(l_i * w, 0)
-
-
-@triton.jit
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
     qk_scale, num_splits, num_kv_heads, split_tokens, table_tokens,
@@ -308,8 +240,7 @@ def _decode_split_kernel(
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     PDL: tl.constexpr,
-    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, SLICES: tl.constexpr, HOST_SPLIT: tl.constexpr,
-    HEADS_FIRST: tl.constexpr, TABLE_EVICT: tl.constexpr,
+    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, HOST_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -321,14 +252,10 @@ def _decode_split_kernel(
     """
     if PDL_START:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
-    if HEADS_FIRST:  # the KV heads of one sequence run side by side: they read the same pages together
-        kv_head = tl.program_id(0)
-        b = tl.program_id(1)
-    else:
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    context_len = tl.load(ContextLens + b, eviction_policy=TABLE_EVICT)
+    context_len = tl.load(ContextLens + b)
     if HOST_SPLIT:
         # Split length from the caller's max context (whole tiles): the range, hence the first block-table
         # read, is known before the context length arrives, so the two loads overlap (one memory latency
@@ -357,20 +284,11 @@ def _decode_split_kernel(
         q = q.to(tl.float32)
 
     table = BlockTables + b.to(tl.int64) * stride_btb
-    if SLICES > 1:
-        acc, m_i, l_i = _decode_range_sliced(
-            q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
-            stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-            HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS, SLICES,
-            TABLE_EVICT,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _decode_range(
-            q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
-            stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-            HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
-            TABLE_EVICT,
-        )  # fmt: skip
+    acc, m_i, l_i = _decode_range(
+        q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
+        stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
+        HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
+    )  # fmt: skip
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -635,27 +553,27 @@ def choose_schedule(
     return "split" if programs / (waves * slots) >= AUTO_WAVE_FILL else "streamk"
 
 
-def decode_slices(cfg: DecodeConfig) -> int:
-    """SLICES for the decode kernels: num_warps with ``per_warp_softmax`` (checked), else 1."""
-    if not cfg.per_warp_softmax:
-        return 1
-    keys = cfg.block_n // cfg.num_warps
-    if keys * cfg.num_warps != cfg.block_n or keys < 16:
-        raise ValueError(f"per_warp_softmax needs block_n a multiple of 16 x num_warps (tl.dot's smallest N), "
-                         f"got block_n={cfg.block_n}, num_warps={cfg.num_warps}")  # fmt: skip
-    return cfg.num_warps
+MANY_PROGRAMS_PER_SM = 8  # B x Hkv at least this many per SM: one-warp programs (between measured points)
 
 
-def default_decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
+def default_decode_config(
+    dtype: torch.dtype, head_dim: int, device: torch.device, programs: int | None = None
+) -> DecodeConfig:
     """A fixed heuristic (autotune does not run under the interpreter, and decode shapes vary per step).
 
-    16-bit K/V: 64-token tiles (four 16-token pages) for D <= 128. float32 runs tl.dot as exact fp32 FMAs,
-    which needs far more registers: 16-token tiles keep it from spilling (checked with ptxas for sm_90).
+    16-bit K/V: 64-token tiles (four 16-token pages) for D <= 128, 4 warps. With many more (sequence, KV
+    head) programs than SMs (``programs`` = B x Hkv, when the caller knows it), one-warp programs over
+    32-token tiles instead: the grid then drains in finer steps (H200, 256 x 1024 = 2048 programs:
+    +0.9-1.0% of copy bandwidth in three runs; at 64 x 4096 = 512 programs they lose 18%). float32 runs
+    tl.dot as exact fp32 FMAs, which needs far more registers: 16-token tiles keep it from spilling
+    (checked with ptxas for sm_90).
     """
     if device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16 if head_dim > 64 else 32, num_warps=4, num_stages=2)
+    if head_dim <= 128 and programs is not None and programs >= MANY_PROGRAMS_PER_SM * num_sms(device):
+        return DecodeConfig(block_n=32, num_warps=1, num_stages=3, schedule="split")  # many waves: no stream-K
     # 3 stages: measured on the H200 equal or better than 2 at all three benchmark shapes
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
 
@@ -686,7 +604,7 @@ def paged_decode_attention_triton(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
-    cfg = config or default_decode_config(q.dtype, head_dim, q.device)
+    cfg = config or default_decode_config(q.dtype, head_dim, q.device, batch * num_kv_heads)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"DecodeConfig.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     table_tokens = block_tables.shape[1] * k_cache.shape[1]
@@ -705,7 +623,7 @@ def paged_decode_attention_triton(
     if batch == 0:
         return out
     direct = num_splits == 1
-    fused = cfg.fused_merge and not direct
+    fused = cfg.fused_merge is not False and not direct
     if cfg.pdl not in ("off", "end", "start"):
         raise ValueError(f"DecodeConfig.pdl must be 'off', 'end' or 'start', got {cfg.pdl!r}")
     pdl = cfg.pdl != "off" and not (direct or fused) and pdl_available(q.device)
@@ -731,14 +649,13 @@ def paged_decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
-        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch, SLICES=decode_slices(cfg),
-        HOST_SPLIT=host_split and not direct, HEADS_FIRST=cfg.heads_first,
-        TABLE_EVICT="evict_last" if cfg.table_evict_last else "",
+        PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
+        HOST_SPLIT=host_split and not direct,
         BLOCK_GM=triton.next_power_of_2(group),
         CHUNK_S=min(block_s, max(2, 16384 // (block_d * triton.next_power_of_2(group)))),  # 128 fp32 / thread
         **launch_options(cfg),
     )  # fmt: skip
-    grid = (num_kv_heads, batch, num_splits) if cfg.heads_first else (batch, num_kv_heads, num_splits)
+    grid = (batch, num_kv_heads, num_splits)
     schedule = "split" if forced else choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device,
                                                       max_context_len, mean_context_len)  # fmt: skip
     if schedule == "streamk":
