@@ -564,7 +564,7 @@ def default_decode_config(
     16-bit K/V: 64-token tiles (four 16-token pages) for D <= 128, 4 warps. With many more (sequence, KV
     head) programs than SMs (``programs`` = B x Hkv, when the caller knows it), one-warp programs over
     32-token tiles instead: the grid then drains in finer steps (H200, 256 x 1024 = 2048 programs:
-    +0.9-1.0% of copy bandwidth in three runs; at 64 x 4096 = 512 programs they lose 18%). float32 runs
+    +0.2-1.0 points of copy bandwidth in four runs; at 64 x 4096 = 512 programs they lose 18-22). float32 runs
     tl.dot as exact fp32 FMAs, which needs far more registers: 16-token tiles keep it from spilling
     (checked with ptxas for sm_90).
     """
