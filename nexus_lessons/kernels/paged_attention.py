@@ -53,6 +53,10 @@ try:  # programmatic dependent launch (Hopper): the merge kernel starts while th
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # an older triton: DecodeConfig.pdl then has no effect
     gdc_launch_dependents = gdc_wait = None
+try:  # the decode timeline diagnostic (bench/decode_waves.py --cases trace)
+    from triton.language.extra.cuda import globaltimer, smid
+except ImportError:
+    globaltimer = smid = None
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers: [next_pow2(splits), D]
@@ -226,7 +230,7 @@ def _decode_range(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
+    Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters, Trace,
     qk_scale, num_splits, num_kv_heads, split_tokens, table_tokens,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
@@ -240,7 +244,7 @@ def _decode_split_kernel(
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     PDL: tl.constexpr,
-    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, HOST_SPLIT: tl.constexpr,
+    PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, HOST_SPLIT: tl.constexpr, TRACE: tl.constexpr = False,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -250,6 +254,8 @@ def _decode_split_kernel(
     (FUSED_MERGE) by whichever split of this (b, kv_head) finishes last. An empty split writes lse = -inf,
     which the merge weighs as zero.
     """
+    if TRACE:
+        t_start = globaltimer()
     if PDL_START:  # the merge kernel may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -289,6 +295,8 @@ def _decode_split_kernel(
         stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
         HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
     )  # fmt: skip
+    if TRACE:
+        t_loop = globaltimer()
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -315,6 +323,12 @@ def _decode_split_kernel(
                              stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
                              GROUP, HEAD_DIM, BLOCK_GM, BLOCK_S, BLOCK_D, CHUNK_S)  # fmt: skip
                 tl.store(counter, 0)  # reset for the next launch (stream order makes it visible there)
+    if TRACE:  # (start, loop done, end, SM) in ns of %globaltimer, one row per program
+        row = Trace + ((b * num_kv_heads + kv_head) * num_splits + split) * 4
+        tl.store(row, t_start)
+        tl.store(row + 1, t_loop)
+        tl.store(row + 2, globaltimer())
+        tl.store(row + 3, smid().to(tl.int64))
 
 
 @triton.jit
@@ -553,6 +567,7 @@ def choose_schedule(
     return "split" if programs / (waves * slots) >= AUTO_WAVE_FILL else "streamk"
 
 
+TRACE_BUFFER: torch.Tensor | None = None  # diagnostic: int64 [programs, 4] per split-kernel launch when set
 MANY_PROGRAMS_PER_SM = 8  # B x Hkv at least this many per SM: one-warp programs (between measured points)
 
 
@@ -639,6 +654,7 @@ def paged_decode_attention_triton(
     block_s = max(2, triton.next_power_of_2(num_splits))
     args = (
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
+        TRACE_BUFFER if TRACE_BUFFER is not None else context_lens,
         scale * LOG2E, num_splits, num_kv_heads,
         math.ceil(math.ceil(max_context_len / num_splits) / cfg.block_n) * cfg.block_n, table_tokens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
@@ -650,9 +666,10 @@ def paged_decode_attention_triton(
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
-        HOST_SPLIT=host_split and not direct,
+        HOST_SPLIT=host_split and not direct, TRACE=TRACE_BUFFER is not None,
         BLOCK_GM=triton.next_power_of_2(group),
-        CHUNK_S=min(block_s, max(2, 16384 // (block_d * triton.next_power_of_2(group)))),  # 128 fp32 / thread
+        # 128 fp32 per thread: a chunk of [BLOCK_GM, CHUNK_S, BLOCK_D] partials spread over the program's threads
+        CHUNK_S=min(block_s, max(2, 128 * 32 * cfg.num_warps // (block_d * triton.next_power_of_2(group)))),
         **launch_options(cfg),
     )  # fmt: skip
     grid = (batch, num_kv_heads, num_splits)

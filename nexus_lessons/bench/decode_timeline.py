@@ -1,0 +1,167 @@
+"""When each decode program starts, streams and ends: a per-program timeline, and a 1 x 32k config sweep.
+
+    python -m nexus_lessons.bench.decode_timeline --out course/results
+
+A diagnostic for lesson 02's split decode kernel (H200, Hq 32, Hkv 8, D 128, bf16, 16-token pages,
+shuffled tables). With ``paged_attention.TRACE_BUFFER`` set, every program of the split kernel stores
+``%globaltimer`` (ns) when it starts, when its loop over the context is done and when it ends (after the
+fused merge, for the last split of each KV head), and the SM it ran on. From one launch in a steady
+stream of launches it reports, in microseconds from the first program's start: how long the programs
+take to start, how long each loop runs, how far the ends spread (the tail, where the GPU runs with fewer
+and fewer programs), and what the merge adds after the last loop. Then ``--sweep`` times every tile /
+warp / stage / split choice at 1 x 32k against SDPA in the same run, with each compiled variant's
+registers and shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import paged_attention as pa
+from ..kernels.paged_attention import DecodeConfig
+from .common import copy_bandwidth_gbs, environment, save_json
+from .decode_waves import compiled_kernels
+from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, time_graph
+
+TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
+    ("1 x 32k, default plan", 1, 32768, {}),
+    ("1 x 32k, two-kernel merge (split kernel traced)", 1, 32768, dict(config=DecodeConfig(fused_merge=False))),
+    ("1 x 32k, 48 splits", 1, 32768, dict(num_splits=48)),
+    ("1 x 32k, 64 splits", 1, 32768, dict(num_splits=64)),
+    ("1 x 32k, stages 4", 1, 32768, dict(config=DecodeConfig(num_stages=4))),
+    ("1 x 2048 (2 tiles per program), default plan", 1, 2048, {}),
+    ("64 x 4096, default plan", 64, 4096, {}),
+    ("256 x 1024, default plan", 256, 1024, {}),
+]
+
+SWEEP: list[tuple[str, dict[str, Any]]] = [("default", {})]
+for _splits in (16, 24, 32, 33, 40, 48, 64):
+    SWEEP.append((f"{_splits} splits", dict(num_splits=_splits)))
+for _bn, _w, _st, _splits in [
+    (64, 4, 4, 32), (64, 4, 4, 33), (64, 4, 2, 32), (64, 4, 3, 16), (64, 8, 3, 32), (64, 8, 4, 32),
+    (64, 2, 3, 32), (64, 2, 3, 48), (64, 2, 4, 32),
+    (32, 4, 3, 32), (32, 4, 4, 32), (32, 4, 4, 48), (32, 4, 5, 32), (32, 4, 3, 64),
+    (32, 2, 3, 32), (32, 2, 3, 64), (32, 2, 4, 64), (32, 2, 4, 80),
+    (128, 8, 3, 16), (128, 8, 3, 32), (128, 4, 3, 16),
+]:  # fmt: skip
+    SWEEP.append((f"block_n={_bn} warps={_w} stages={_st} {_splits} splits",
+                  dict(num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, num_stages=_st))))  # fmt: skip
+SWEEP += [
+    ("32 splits, no id prefetch", dict(num_splits=32, config=DecodeConfig(prefetch_ids=False))),
+    ("64 splits, no id prefetch", dict(num_splits=64, config=DecodeConfig(prefetch_ids=False))),
+    ("32 splits, two-kernel merge", dict(num_splits=32, config=DecodeConfig(fused_merge=False))),
+    ("32 splits, evict_first", dict(num_splits=32, config=DecodeConfig(evict_first=True))),
+]
+
+
+def _quantiles(x: torch.Tensor) -> dict[str, float]:
+    q = torch.quantile(x.double(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64))
+    return {k: round(v, 2) for k, v in zip(("min", "p10", "p50", "p90", "max"), q.tolist())}
+
+
+def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_gbs: float) -> dict[str, Any]:
+    data = paged_cache([context] * batch, seed=batch + context)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+    pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
+    nbytes = decode_bytes(batch, context)
+
+    def call() -> torch.Tensor:
+        return pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how)
+
+    ms_plain = time_graph(call)
+    buf = torch.zeros(batch * HKV * pa.MAX_SPLITS, 4, device="cuda", dtype=torch.int64)
+    pa.TRACE_BUFFER = buf
+    try:
+        want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
+        err = max_err(call(), want)
+        assert err <= 2e-2, f"{label}: max abs error {err}"
+        ms_traced = time_graph(call)
+        buf.zero_()
+        for _ in range(20):  # a steady stream of launches; the last one's trace stays in the buffer
+            call()
+        torch.cuda.synchronize()
+    finally:
+        pa.TRACE_BUFFER = None
+    rows = buf[buf[:, 0] > 0].cpu()
+    t0 = rows[:, 0].min()
+    start, loop, end = [(rows[:, i] - t0).double() / 1e3 for i in range(3)]
+    sm = rows[:, 3]
+    per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
+    ticks = torch.unique(rows[:, :3].flatten())
+    row = dict(
+        label=label, batch=batch, context=context, programs=len(rows), max_abs_err=err,
+        ms=round(ms_plain, 5), ms_traced=round(ms_traced, 5),
+        pct_copy=round(100 * nbytes / ms_plain / 1e6 / copy_gbs, 1),
+        timer_step_ns=int((ticks[1:] - ticks[:-1]).min()) if len(ticks) > 1 else None,
+        span_us=round(float(end.max()), 2),
+        start_us=_quantiles(start), loop_us=_quantiles(loop - start), loop_end_us=_quantiles(loop),
+        end_us=_quantiles(end), merge_after_last_loop_us=round(float(end.max() - loop.max()), 2),
+        programs_per_sm={str(k): int(v) for k, v in zip(*torch.unique(per_sm, return_counts=True))},
+        raw_ns=dict(start=(rows[:, 0] - t0).tolist(), loop=(rows[:, 1] - t0).tolist(),
+                    end=(rows[:, 2] - t0).tolist(), sm=sm.tolist()),
+    )  # fmt: skip
+    print({k: v for k, v in row.items() if k != "raw_ns"}, flush=True)
+    return row
+
+
+def sweep(copy_gbs: float, context: int = 32768) -> dict[str, Any]:
+    data = paged_cache([context], seed=context)
+    q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE)
+    pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
+    nbytes = decode_bytes(1, context)
+    want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
+    t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
+
+    def pct(ms: float) -> float:
+        return round(100 * nbytes / ms / 1e6 / copy_gbs, 1)
+
+    out: dict[str, Any] = dict(context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
+    for label, how in SWEEP:
+        seen = {k["name"] + str(k["n_regs"]) + str(k["shared"]) for k in compiled_kernels(pa._decode_split_kernel)}
+        try:
+            err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how), want)
+            assert err <= 2e-2, f"max abs error {err}"
+            ms = time_graph(lambda how=how: pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how))
+            entry = dict(variant=label, ms=round(ms, 5), pct_copy=pct(ms), vs_sdpa=round(t_sdpa / ms, 3), max_abs_err=err)
+            new = [k for k in compiled_kernels(pa._decode_split_kernel)
+                   if k["name"] + str(k["n_regs"]) + str(k["shared"]) not in seen]  # fmt: skip
+            if new:
+                k = new[0]
+                entry.update(n_regs=k["n_regs"], n_spills=k["n_spills"], shared=k["shared"],
+                             programs_per_sm=pa.fits_per_sm(k["n_regs"], k["shared"] or 0, k["num_warps"] or 4,
+                                                            q.device))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a variant that fails must not stop the sweep
+            entry = dict(variant=label, error=f"{type(exc).__name__}: {exc}"[:400])
+        out["variants"].append(entry)
+        print("  ", entry, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="course/results")
+    ap.add_argument("--name", default="decode_timeline_h200.json")
+    ap.add_argument("--no-trace", action="store_true", help="only the sweep")
+    ap.add_argument("--no-sweep", action="store_true", help="only the timelines")
+    args = ap.parse_args(argv)
+    path = Path(args.out) / args.name
+    res: dict[str, Any] = dict(benchmark="decode_timeline", environment=environment(), traces=[])
+    res["copy_gbs"] = copy_bandwidth_gbs()
+    if not args.no_trace:
+        for label, batch, context, how in TRACE_CASES:
+            res["traces"].append(trace_case(label, batch, context, how, res["copy_gbs"]))
+            torch.cuda.empty_cache()
+            save_json(res, path)
+    if not args.no_sweep:
+        res["sweep_32k"] = sweep(res["copy_gbs"])
+        save_json(res, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
