@@ -37,11 +37,14 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 2048 (2 tiles per program), default plan", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
     ("256 x 1024, default plan", 256, 1024, {}),
+    ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
+    ("256 x 1024, 2 splits", 256, 1024, dict(num_splits=2, config=DecodeConfig(32, 1, 3, prefetch_ids=False,
+                                                                                schedule="split"))),
 ]
 
-SWEEP: list[tuple[str, dict[str, Any]]] = [("default", {})]
+SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {})]
 for _splits in (16, 24, 32, 33, 40, 48, 64):
-    SWEEP.append((f"{_splits} splits", dict(num_splits=_splits)))
+    SWEEP_32K.append((f"{_splits} splits", dict(num_splits=_splits)))
 for _bn, _w, _st, _splits in [
     (64, 4, 4, 32), (64, 4, 4, 33), (64, 4, 2, 32), (64, 4, 3, 16), (64, 8, 3, 32), (64, 8, 4, 32),
     (64, 2, 3, 32), (64, 2, 3, 48), (64, 2, 4, 32),
@@ -49,14 +52,29 @@ for _bn, _w, _st, _splits in [
     (32, 2, 3, 32), (32, 2, 3, 64), (32, 2, 4, 64), (32, 2, 4, 80),
     (128, 8, 3, 16), (128, 8, 3, 32), (128, 4, 3, 16),
 ]:  # fmt: skip
-    SWEEP.append((f"block_n={_bn} warps={_w} stages={_st} {_splits} splits",
-                  dict(num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, num_stages=_st))))  # fmt: skip
-SWEEP += [
+    SWEEP_32K.append((f"block_n={_bn} warps={_w} stages={_st} {_splits} splits",
+                      dict(num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, num_stages=_st))))  # fmt: skip
+SWEEP_32K += [
     ("32 splits, no id prefetch", dict(num_splits=32, config=DecodeConfig(prefetch_ids=False))),
     ("64 splits, no id prefetch", dict(num_splits=64, config=DecodeConfig(prefetch_ids=False))),
     ("32 splits, two-kernel merge", dict(num_splits=32, config=DecodeConfig(fused_merge=False))),
     ("32 splits, evict_first", dict(num_splits=32, config=DecodeConfig(evict_first=True))),
 ]
+
+# Large batches: splitting each sequence into more, shorter programs than slots lets the hardware's block
+# scheduler balance the tail (a freed slot takes the next program), at the cost of partials and a merge.
+SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [("default", {})]
+for _bn, _w in ((64, 4), (32, 1), (32, 2)):
+    for _splits in (1, 2, 3, 4, 6, 8):
+        for _pf in (False, True):
+            if _splits == 1 and _pf:
+                continue
+            SWEEP_BATCH.append((f"block_n={_bn} warps={_w} {_splits} splits prefetch={_pf}", dict(
+                num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, prefetch_ids=_pf, schedule="split"))))  # fmt: skip
+SWEEP_BATCH.append(("block_n=64 warps=4 4 splits two-kernel merge", dict(
+    num_splits=4, config=DecodeConfig(prefetch_ids=False, fused_merge=False, schedule="split"))))  # fmt: skip
+
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -109,19 +127,19 @@ def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_g
     return row
 
 
-def sweep(copy_gbs: float, context: int = 32768) -> dict[str, Any]:
-    data = paged_cache([context], seed=context)
-    q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE)
+def sweep(copy_gbs: float, batch: int, context: int, variants: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    data = paged_cache([context] * batch, seed=batch + context)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
     pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
-    nbytes = decode_bytes(1, context)
+    nbytes = decode_bytes(batch, context)
     want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
     t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
 
     def pct(ms: float) -> float:
         return round(100 * nbytes / ms / 1e6 / copy_gbs, 1)
 
-    out: dict[str, Any] = dict(context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
-    for label, how in SWEEP:
+    out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
+    for label, how in variants:
         seen = {k["name"] + str(k["n_regs"]) + str(k["shared"]) for k in compiled_kernels(pa._decode_split_kernel)}
         try:
             err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how), want)
@@ -147,18 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="course/results")
     ap.add_argument("--name", default="decode_timeline_h200.json")
     ap.add_argument("--no-trace", action="store_true", help="only the sweep")
-    ap.add_argument("--no-sweep", action="store_true", help="only the timelines")
+    ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}; '' for none")
+    ap.add_argument("--traces", default="", help="only the trace cases whose label holds this")
     args = ap.parse_args(argv)
     path = Path(args.out) / args.name
     res: dict[str, Any] = dict(benchmark="decode_timeline", environment=environment(), traces=[])
     res["copy_gbs"] = copy_bandwidth_gbs()
     if not args.no_trace:
         for label, batch, context, how in TRACE_CASES:
+            if args.traces not in label:
+                continue
             res["traces"].append(trace_case(label, batch, context, how, res["copy_gbs"]))
             torch.cuda.empty_cache()
             save_json(res, path)
-    if not args.no_sweep:
-        res["sweep_32k"] = sweep(res["copy_gbs"])
+    for name in filter(None, args.sweeps.split(",")):
+        batch, context, variants = SWEEPS[name]
+        res[f"sweep_{name}"] = sweep(res["copy_gbs"], batch, context, variants)
+        torch.cuda.empty_cache()
         save_json(res, path)
     return 0
 
