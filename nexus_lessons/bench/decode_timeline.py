@@ -33,7 +33,9 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 32k, two-kernel merge (split kernel traced)", 1, 32768, dict(config=DecodeConfig(fused_merge=False))),
     ("1 x 32k, 48 splits", 1, 32768, dict(num_splits=48)),
     ("1 x 32k, 64 splits", 1, 32768, dict(num_splits=64)),
-    ("1 x 32k, stages 4", 1, 32768, dict(config=DecodeConfig(num_stages=4))),
+    ("1 x 32k, 33 splits", 1, 32768, dict(num_splits=33)),
+    ("1 x 32k, 33 splits, partials in bf16", 1, 32768, dict(num_splits=33, config=DecodeConfig(partial_dtype="input"))),
+    ("1 x 32k, 49 splits", 1, 32768, dict(num_splits=49)),
     ("1 x 2048 (2 tiles per program), default plan", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
     ("256 x 1024, default plan", 256, 1024, {}),
@@ -42,23 +44,19 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
                                                                                 schedule="split"))),
 ]
 
+# Session 6's first run swept tiles, warps, stages and split counts here (decode_timeline_h200_run1.json,
+# commit 523b22d): nothing beat the default. Now: split counts that fill every slot, once ranges are
+# balanced page by page, and partials stored in the input dtype.
 SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {})]
-for _splits in (16, 24, 32, 33, 40, 48, 64):
+for _splits in (32, 33, 34, 48, 49, 50, 64, 66):
     SWEEP_32K.append((f"{_splits} splits", dict(num_splits=_splits)))
-for _bn, _w, _st, _splits in [
-    (64, 4, 4, 32), (64, 4, 4, 33), (64, 4, 2, 32), (64, 4, 3, 16), (64, 8, 3, 32), (64, 8, 4, 32),
-    (64, 2, 3, 32), (64, 2, 3, 48), (64, 2, 4, 32),
-    (32, 4, 3, 32), (32, 4, 4, 32), (32, 4, 4, 48), (32, 4, 5, 32), (32, 4, 3, 64),
-    (32, 2, 3, 32), (32, 2, 3, 64), (32, 2, 4, 64), (32, 2, 4, 80),
-    (128, 8, 3, 16), (128, 8, 3, 32), (128, 4, 3, 16),
-]:  # fmt: skip
-    SWEEP_32K.append((f"block_n={_bn} warps={_w} stages={_st} {_splits} splits",
-                      dict(num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, num_stages=_st))))  # fmt: skip
+    if _splits in (32, 33, 49):
+        SWEEP_32K.append((f"{_splits} splits, partials in bf16",
+                          dict(num_splits=_splits, config=DecodeConfig(partial_dtype="input"))))  # fmt: skip
 SWEEP_32K += [
-    ("32 splits, no id prefetch", dict(num_splits=32, config=DecodeConfig(prefetch_ids=False))),
-    ("64 splits, no id prefetch", dict(num_splits=64, config=DecodeConfig(prefetch_ids=False))),
-    ("32 splits, two-kernel merge", dict(num_splits=32, config=DecodeConfig(fused_merge=False))),
-    ("32 splits, evict_first", dict(num_splits=32, config=DecodeConfig(evict_first=True))),
+    ("66 splits, no id prefetch", dict(num_splits=66, config=DecodeConfig(prefetch_ids=False))),
+    ("33 splits, two-kernel merge", dict(num_splits=33, config=DecodeConfig(fused_merge=False))),
+    ("33 splits, block_n=32", dict(num_splits=33, config=DecodeConfig(block_n=32))),
 ]
 
 # Large batches: splitting each sequence into more, shorter programs than slots lets the hardware's block

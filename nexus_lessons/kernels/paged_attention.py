@@ -164,6 +164,9 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
+    # The split partial outputs: "float32", or "input" (q's dtype, as vLLM's paged attention v2 keeps
+    # them): half the bytes for the merge to read, one more rounding of each partial.
+    partial_dtype: str = "float32"
 
 
 @triton.jit
@@ -231,7 +234,7 @@ def _decode_range(
 @triton.jit
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters, Trace,
-    qk_scale, num_splits, num_kv_heads, split_tokens, table_tokens,
+    qk_scale, num_splits, num_kv_heads, host_pages, table_tokens,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
@@ -263,13 +266,16 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     context_len = tl.load(ContextLens + b)
     if HOST_SPLIT:
-        # Split length from the caller's max context (whole tiles): the range, hence the first block-table
-        # read, is known before the context length arrives, so the two loads overlap (one memory latency
-        # less before the K/V stream starts). The last split takes whatever is left, even past that max.
+        # Split ranges from the caller's max context, ``host_pages`` pages shared out evenly in whole pages:
+        # the range, hence the first block-table read, is known before the context length arrives, so the
+        # two loads overlap (one memory latency less before the K/V stream starts); and any split count
+        # balances (1 x 32k: 33 splits of 62-63 pages fill both slots of every SM). The last split takes
+        # whatever is left, even past that max.
         last = split == num_splits - 1
-        start = split * split_tokens
-        end = tl.where(last, context_len, tl.minimum(start + split_tokens, context_len))
-        ids_end = tl.where(last, table_tokens, tl.minimum(start + split_tokens, table_tokens))
+        start = (split * host_pages // num_splits) * PAGE_SIZE
+        stop = ((split + 1) * host_pages // num_splits) * PAGE_SIZE
+        end = tl.where(last, context_len, tl.minimum(stop, context_len))
+        ids_end = tl.where(last, table_tokens, tl.minimum(stop, table_tokens))
     else:
         split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * split_len
@@ -305,7 +311,7 @@ def _decode_split_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
     else:
         p_ptrs = PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
-        tl.store(p_ptrs, out, mask=out_mask)
+        tl.store(p_ptrs, out.to(PartialOut.dtype.element_ty), mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
         if PDL and not PDL_START:
@@ -366,7 +372,7 @@ def _merge_heads(
         alpha = tl.exp2(m - m_sub)
         w = tl.exp2(lse - m_sub[:, None])
         total = total * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], 1)
+        acc = acc * alpha[:, None] + tl.sum(parts.to(tl.float32) * w[:, :, None], 1)
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
     tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -399,7 +405,7 @@ def _decode_merge_kernel(
     lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
     w = tl.exp2(lse - m)
-    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    out = tl.sum(parts.to(tl.float32) * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)  # fmt: skip
 
@@ -646,7 +652,8 @@ def paged_decode_attention_triton(
         partial, lse = out, out
         p_strides, l_strides = (0, 0, 0), (0, 0)
     else:
-        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        pdtype = torch.float32 if cfg.partial_dtype == "float32" else q.dtype
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=pdtype)
         lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
         p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
     counters = merge_counters(q.device, batch * num_kv_heads) if fused else context_lens  # else: never read
@@ -656,7 +663,7 @@ def paged_decode_attention_triton(
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
         TRACE_BUFFER if TRACE_BUFFER is not None else context_lens,
         scale * LOG2E, num_splits, num_kv_heads,
-        math.ceil(math.ceil(max_context_len / num_splits) / cfg.block_n) * cfg.block_n, table_tokens,
+        math.ceil(max_context_len / k_cache.shape[1]), table_tokens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
     )  # fmt: skip
