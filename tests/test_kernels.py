@@ -334,16 +334,17 @@ def test_decode_fused_merge(dtype, group):
 @needs_triton
 @pytest.mark.parametrize("bound", ["tight", "loose", "too small"])
 def test_decode_host_split(bound):
-    """``max_context_len`` given: each split's share comes from it on the host. A loose bound leaves late
-    splits empty; one below the real lengths must still cover every token (the last split takes the rest)."""
+    """``max_context_len`` given: each split's share comes from it on the host, in whole pages (13 pages over
+    5 splits: 2 or 3 each). A loose bound leaves late splits empty; one below the real lengths must still
+    cover every token (the last split takes the rest)."""
     bs, hkv, group, d = 16, 2, 4, 32
     lens = [1, 47, 130, 96, 16, 200]
     k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=23)
     q = torch.randn(len(lens), hkv * group, d).to(DEV)
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
     max_len = {"tight": max(lens), "loose": 3 * max(lens), "too small": 50}[bound]
-    for fused in (False, True):
-        cfg = pa.DecodeConfig(block_n=16, num_warps=4, num_stages=1, fused_merge=fused)
+    for fused, block_n in ((False, 16), (True, 16), (True, 32)):  # 32: ranges start inside a tile
+        cfg = pa.DecodeConfig(block_n=block_n, num_warps=4, num_stages=1, fused_merge=fused)
         for splits in (2, 5, 13):
             got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits,
                                                    max_context_len=max_len, config=cfg)  # fmt: skip

@@ -34,7 +34,6 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 32k, 48 splits", 1, 32768, dict(num_splits=48)),
     ("1 x 32k, 64 splits", 1, 32768, dict(num_splits=64)),
     ("1 x 32k, 33 splits", 1, 32768, dict(num_splits=33)),
-    ("1 x 32k, 33 splits, partials in bf16", 1, 32768, dict(num_splits=33, config=DecodeConfig(partial_dtype="input"))),
     ("1 x 32k, 49 splits", 1, 32768, dict(num_splits=49)),
     ("1 x 2048 (2 tiles per program), default plan", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
@@ -45,14 +44,12 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 ]
 
 # Session 6's first run swept tiles, warps, stages and split counts here (decode_timeline_h200_run1.json,
-# commit 523b22d): nothing beat the default. Now: split counts that fill every slot, once ranges are
-# balanced page by page, and partials stored in the input dtype.
+# commit 523b22d): nothing beat the default. The third (decode_timeline_h200_32k.json, commit 280ec50) had
+# split counts that fill every slot once ranges are balanced page by page, and partials stored in bf16
+# (DecodeConfig.partial_dtype, removed again: slower). The list now:
 SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {})]
 for _splits in (32, 33, 34, 48, 49, 50, 64, 66):
     SWEEP_32K.append((f"{_splits} splits", dict(num_splits=_splits)))
-    if _splits in (32, 33, 49):
-        SWEEP_32K.append((f"{_splits} splits, partials in bf16",
-                          dict(num_splits=_splits, config=DecodeConfig(partial_dtype="input"))))  # fmt: skip
 SWEEP_32K += [
     ("66 splits, no id prefetch", dict(num_splits=66, config=DecodeConfig(prefetch_ids=False))),
     ("33 splits, two-kernel merge", dict(num_splits=33, config=DecodeConfig(fused_merge=False))),

@@ -164,9 +164,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # The split partial outputs: "float32", or "input" (q's dtype, as vLLM's paged attention v2 keeps
-    # them): half the bytes for the merge to read, one more rounding of each partial.
-    partial_dtype: str = "float32"
 
 
 @triton.jit
@@ -251,7 +248,8 @@ def _decode_split_kernel(
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
-    The range is this split's share of the context, rounded up to whole BLOCK_N tiles. With one split
+    The range is this split's share of the context: whole pages when the host gives the bound
+    (HOST_SPLIT), else rounded up to whole BLOCK_N tiles in the kernel. With one split
     (DIRECT_OUT) the normalised output is written directly; otherwise the partial output (already divided
     by its own softmax sum) and its base-2 log-sum-exp are written for a merge: by the merge kernel, or
     (FUSED_MERGE) by whichever split of this (b, kv_head) finishes last. An empty split writes lse = -inf,
@@ -311,7 +309,7 @@ def _decode_split_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
     else:
         p_ptrs = PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
-        tl.store(p_ptrs, out.to(PartialOut.dtype.element_ty), mask=out_mask)
+        tl.store(p_ptrs, out, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
         if PDL and not PDL_START:
@@ -372,7 +370,7 @@ def _merge_heads(
         alpha = tl.exp2(m - m_sub)
         w = tl.exp2(lse - m_sub[:, None])
         total = total * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.sum(parts.to(tl.float32) * w[:, :, None], 1)
+        acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], 1)
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
     tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -405,7 +403,7 @@ def _decode_merge_kernel(
     lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)  # finite: split 0 always holds the first token (context_len >= 1)
     w = tl.exp2(lse - m)
-    out = tl.sum(parts.to(tl.float32) * w[:, None], 0) / tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)  # fmt: skip
 
@@ -652,8 +650,7 @@ def paged_decode_attention_triton(
         partial, lse = out, out
         p_strides, l_strides = (0, 0, 0), (0, 0)
     else:
-        pdtype = torch.float32 if cfg.partial_dtype == "float32" else q.dtype
-        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=pdtype)
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
         p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
     counters = merge_counters(q.device, batch * num_kv_heads) if fused else context_lens  # else: never read
