@@ -35,7 +35,7 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 32k, 64 splits", 1, 32768, dict(num_splits=64)),
     ("1 x 32k, 33 splits", 1, 32768, dict(num_splits=33)),
     ("1 x 32k, 49 splits", 1, 32768, dict(num_splits=49)),
-    ("1 x 2048 (2 tiles per program), default plan", 1, 2048, {}),
+    ("1 x 2048, default plan (4 splits of 8 tiles)", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
     ("256 x 1024, default plan", 256, 1024, {}),
     ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
