@@ -1,4 +1,4 @@
-"""When each decode program starts, streams and ends: a per-program timeline, and a 1 x 32k config sweep.
+"""When each decode program starts, streams and ends: a per-program timeline, and decode config sweeps.
 
     python -m nexus_lessons.bench.decode_timeline --out course/results
 
@@ -8,9 +8,9 @@ shuffled tables). With ``paged_attention.TRACE_BUFFER`` set, every program of th
 fused merge, for the last split of each KV head), and the SM it ran on. From one launch in a steady
 stream of launches it reports, in microseconds from the first program's start: how long the programs
 take to start, how long each loop runs, how far the ends spread (the tail, where the GPU runs with fewer
-and fewer programs), and what the merge adds after the last loop. Then ``--sweep`` times every tile /
-warp / stage / split choice at 1 x 32k against SDPA in the same run, with each compiled variant's
-registers and shared memory.
+and fewer programs), and what the merge adds after the last loop. Then ``--sweeps`` time split counts,
+tiles and warps at 1 x 32k and at the large batches against SDPA in the same run, with each newly
+compiled variant's registers and shared memory.
 """
 
 from __future__ import annotations

@@ -143,6 +143,16 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
         cfg = replace(pa.default_decode_config(dtype, d, cuda), **how)  # fmt: skip
         return lambda: pa.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg)
 
+    def traced(call: Callable[[], Any]) -> Callable[[], Any]:  # with the timeline diagnostic compiled in
+        def run() -> Any:
+            pa.TRACE_BUFFER = torch.empty(64 * 8 * 32, 4, device=meta, dtype=torch.int64)
+            try:
+                return call()
+            finally:
+                pa.TRACE_BUFFER = None
+
+        return run
+
     def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
         q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)
         qsl = torch.empty(9, device=meta, dtype=torch.int32)
@@ -159,6 +169,7 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
     out = [("write bf16", write(torch.bfloat16)), ("decode bf16 1 split", decode(torch.bfloat16, 1)),
            ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
            ("decode bf16 32 splits fused", decode(torch.bfloat16, 32)),  # the 1 x 32k plan: the merge's widest load
+           ("decode bf16 32 splits traced", traced(decode(torch.bfloat16, 32))),  # bench/decode_timeline.py
            ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
            ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
            ("extend bf16 causal", extend(torch.bfloat16, False)),

@@ -53,7 +53,7 @@ try:  # programmatic dependent launch (Hopper): the merge kernel starts while th
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # an older triton: DecodeConfig.pdl then has no effect
     gdc_launch_dependents = gdc_wait = None
-try:  # the decode timeline diagnostic (bench/decode_waves.py --cases trace)
+try:  # the decode timeline diagnostic (TRACE_BUFFER, bench/decode_timeline.py)
     from triton.language.extra.cuda import globaltimer, smid
 except ImportError:
     globaltimer = smid = None
@@ -658,7 +658,7 @@ def paged_decode_attention_triton(
     block_s = max(2, triton.next_power_of_2(num_splits))
     args = (
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
-        TRACE_BUFFER if TRACE_BUFFER is not None else context_lens,
+        TRACE_BUFFER if TRACE_BUFFER is not None else context_lens,  # else: never written
         scale * LOG2E, num_splits, num_kv_heads,
         math.ceil(max_context_len / k_cache.shape[1]), table_tokens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
