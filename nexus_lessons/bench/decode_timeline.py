@@ -16,6 +16,7 @@ compiled variant's registers and shared memory.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +42,43 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
     ("256 x 1024, 2 splits", 256, 1024, dict(num_splits=2, config=DecodeConfig(32, 1, 3, prefetch_ids=False,
                                                                                 schedule="split"))),
+    ("1 x 32k, swap_ab", 1, 32768, dict(config=DecodeConfig(swap_ab=True))),
+    ("64 x 4096, swap_ab 2 per SM", 64, 4096, dict(num_splits=1, config=DecodeConfig(
+        swap_ab=True, prefetch_ids=True, schedule="split"))),
+    ("64 x 4096, swap_ab 3 per SM", 64, 4096, dict(num_splits=1, config=DecodeConfig(
+        swap_ab=True, prefetch_ids=False, schedule="split"))),
 ]
 
 # Session 6's first run swept tiles, warps, stages and split counts here (decode_timeline_h200_run1.json,
 # commit 523b22d): nothing beat the default. The third (decode_timeline_h200_32k.json, commit 280ec50) had
 # split counts that fill every slot once ranges are balanced page by page, and partials stored in bf16
-# (DecodeConfig.partial_dtype, removed again: slower). The list now:
-SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {})]
-for _splits in (32, 33, 34, 48, 49, 50, 64, 66):
-    SWEEP_32K.append((f"{_splits} splits", dict(num_splits=_splits)))
+# (removed again: slower). The large-batch sweep split each sequence (decode_timeline_h200_batch.json, commit
+# 280ec50): slower. Session 7 sweeps the transposed products (DecodeConfig.swap_ab: wgmma on Hopper), whose
+# K/V tiles the pipeliner multi-buffers: 2 buffers (72 KB, 3 programs per SM) without the id prefetch or
+# at 2 stages, 3 buffers (104 KB, 2 per SM, as cuDNN runs) with it at 3 stages.
+SWAP = DecodeConfig(swap_ab=True)
+SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {}), ("swap_ab", dict(config=SWAP))]
+for _splits in (32, 33, 48):
+    for _stages, _pf in ((3, True), (2, True), (3, False)):
+        SWEEP_32K.append((f"swap_ab {_splits} splits stages={_stages} prefetch={_pf}", dict(
+            num_splits=_splits, config=replace(SWAP, num_stages=_stages, prefetch_ids=_pf))))  # fmt: skip
 SWEEP_32K += [
-    ("66 splits, no id prefetch", dict(num_splits=66, config=DecodeConfig(prefetch_ids=False))),
-    ("33 splits, two-kernel merge", dict(num_splits=33, config=DecodeConfig(fused_merge=False))),
-    ("33 splits, block_n=32", dict(num_splits=33, config=DecodeConfig(block_n=32))),
+    ("swap_ab two-kernel merge", dict(config=replace(SWAP, fused_merge=False))),
+    ("swap_ab evict_first", dict(config=replace(SWAP, evict_first=True))),
+    ("swap_ab 16 splits stages=4 prefetch=True", dict(num_splits=16, config=replace(SWAP, num_stages=4, prefetch_ids=True))),
 ]
 
-# Large batches: splitting each sequence into more, shorter programs than slots lets the hardware's block
-# scheduler balance the tail (a freed slot takes the next program), at the cost of partials and a merge.
 SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [("default", {})]
-for _bn, _w in ((64, 4), (32, 1), (32, 2)):
-    for _splits in (1, 2, 3, 4, 6, 8):
-        for _pf in (False, True):
-            if _splits == 1 and _pf:
-                continue
-            SWEEP_BATCH.append((f"block_n={_bn} warps={_w} {_splits} splits prefetch={_pf}", dict(
-                num_splits=_splits, config=DecodeConfig(block_n=_bn, num_warps=_w, prefetch_ids=_pf, schedule="split"))))  # fmt: skip
-SWEEP_BATCH.append(("block_n=64 warps=4 4 splits two-kernel merge", dict(
-    num_splits=4, config=DecodeConfig(prefetch_ids=False, fused_merge=False, schedule="split"))))  # fmt: skip
+for _splits in (1, 2):
+    for _stages, _pf in ((3, True), (2, True), (3, False), (2, False)):
+        SWEEP_BATCH.append((f"swap_ab {_splits} splits stages={_stages} prefetch={_pf}", dict(
+            num_splits=_splits, config=replace(SWAP, num_stages=_stages, prefetch_ids=_pf, schedule="split"))))  # fmt: skip
+SWEEP_BATCH += [
+    ("swap_ab stages=3 prefetch=True evict_first", dict(
+        num_splits=1, config=replace(SWAP, prefetch_ids=True, evict_first=True, schedule="split"))),
+    ("plain stages=4 prefetch=True (2 per SM, as swap_ab stages=3 prefetch=True)", dict(
+        num_splits=1, config=DecodeConfig(prefetch_ids=True, num_stages=4, schedule="split"))),
+]
 
 SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
@@ -161,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="decode_timeline_h200.json")
     ap.add_argument("--no-trace", action="store_true", help="only the sweep")
     ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}; '' for none")
-    ap.add_argument("--traces", default="", help="only the trace cases whose label holds this")
+    ap.add_argument("--traces", default="", help="only the trace cases whose label holds one of these (comma-separated)")
     args = ap.parse_args(argv)
     path = Path(args.out) / args.name
     res: dict[str, Any] = dict(benchmark="decode_timeline", environment=environment(), traces=[])
     res["copy_gbs"] = copy_bandwidth_gbs()
     if not args.no_trace:
         for label, batch, context, how in TRACE_CASES:
-            if args.traces not in label:
+            if not any(part in label for part in args.traces.split(",")):
                 continue
             res["traces"].append(trace_case(label, batch, context, how, res["copy_gbs"]))
             torch.cuda.empty_cache()
