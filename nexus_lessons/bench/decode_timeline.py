@@ -56,29 +56,35 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # 280ec50): slower. Session 7 sweeps the transposed products (DecodeConfig.swap_ab: wgmma on Hopper), whose
 # K/V tiles the pipeliner multi-buffers: 2 buffers (72 KB, 3 programs per SM) without the id prefetch or
 # at 2 stages, 3 buffers (104 KB, 2 per SM, as cuDNN runs) with it at 3 stages.
+# Measured (decode_timeline_h200_s7.json): within a point of the default at every shape, slower where it
+# loses occupancy. The second sweep of session 7 (decode_timeline_h200_s7b.json) keeps more K/V in flight
+# per program with short tiles and deep pipelines (the id prefetch gives the gathered tiles num_stages - 1
+# buffers): 32-token tiles at 4 stages fit 4 programs per SM with 3 tiles of 16 KB in flight each.
 SWAP = DecodeConfig(swap_ab=True)
-SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {}), ("swap_ab", dict(config=SWAP))]
-for _splits in (32, 33, 48):
-    for _stages, _pf in ((3, True), (2, True), (3, False)):
-        SWEEP_32K.append((f"swap_ab {_splits} splits stages={_stages} prefetch={_pf}", dict(
-            num_splits=_splits, config=replace(SWAP, num_stages=_stages, prefetch_ids=_pf))))  # fmt: skip
-SWEEP_32K += [
-    ("swap_ab two-kernel merge", dict(config=replace(SWAP, fused_merge=False))),
-    ("swap_ab evict_first", dict(config=replace(SWAP, evict_first=True))),
-    ("swap_ab 16 splits stages=4 prefetch=True", dict(num_splits=16, config=replace(SWAP, num_stages=4, prefetch_ids=True))),
-]
 
-SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [("default", {})]
-for _splits in (1, 2):
-    for _stages, _pf in ((3, True), (2, True), (3, False), (2, False)):
-        SWEEP_BATCH.append((f"swap_ab {_splits} splits stages={_stages} prefetch={_pf}", dict(
-            num_splits=_splits, config=replace(SWAP, num_stages=_stages, prefetch_ids=_pf, schedule="split"))))  # fmt: skip
-SWEEP_BATCH += [
-    ("swap_ab stages=3 prefetch=True evict_first", dict(
+
+def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
+    return DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, prefetch_ids=True, **more)
+
+
+SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {}), ("swap_ab", dict(config=SWAP))]
+for _splits, _bn, _w, _st in ((32, 32, 4, 5), (32, 32, 4, 7), (48, 32, 4, 4), (64, 32, 4, 4), (32, 32, 2, 5),
+                              (64, 16, 2, 6), (64, 16, 4, 6), (48, 16, 4, 8), (32, 64, 4, 4)):
+    SWEEP_32K.append((f"{_splits} splits block_n={_bn} warps={_w} stages={_st} prefetch", dict(
+        num_splits=_splits, config=_deep(_bn, _w, _st))))  # fmt: skip
+SWEEP_32K.append(("swap_ab evict_first", dict(config=replace(SWAP, evict_first=True))))
+
+SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [
+    ("default", {}),
+    ("swap_ab stages=3 prefetch (2 per SM)", dict(num_splits=1, config=replace(SWAP, prefetch_ids=True, schedule="split"))),
+    ("swap_ab stages=3 prefetch evict_first", dict(
         num_splits=1, config=replace(SWAP, prefetch_ids=True, evict_first=True, schedule="split"))),
-    ("plain stages=4 prefetch=True (2 per SM, as swap_ab stages=3 prefetch=True)", dict(
-        num_splits=1, config=DecodeConfig(prefetch_ids=True, num_stages=4, schedule="split"))),
 ]
+for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6), (16, 2, 6), (16, 1, 6)):
+    SWEEP_BATCH.append((f"block_n={_bn} warps={_w} stages={_st} prefetch", dict(
+        num_splits=1, config=_deep(_bn, _w, _st, schedule="split"))))  # fmt: skip
+SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
+    num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
 SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
