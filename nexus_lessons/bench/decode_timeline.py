@@ -86,6 +86,7 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
+TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
 SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
@@ -172,12 +173,53 @@ def sweep(copy_gbs: float, batch: int, context: int, variants: list[tuple[str, d
     return out
 
 
+def pool_in_runs(data: dict[str, torch.Tensor], run: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same K/V values in a pool shuffled in runs: the tables' blocks, in table order, are cut into runs
+    of ``run`` consecutive blocks, and the runs are placed at random. ``run`` 1 is a full shuffle; one run
+    as long as the pool is identity order. 64 blocks of [16, 8, 128] bf16 are 2 MiB, the GPU's large page."""
+    tables = data["block_tables"].long()
+    n = tables.numel()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    perm = torch.randperm(n // run, device="cuda", generator=g)
+    i = torch.arange(n, device="cuda")
+    phys = perm[i // run] * run + i % run
+    k, v = torch.empty_like(data["k_cache"][:n]), torch.empty_like(data["v_cache"][:n])
+    k[phys], v[phys] = data["k_cache"][tables.flatten()], data["v_cache"][tables.flatten()]
+    return k, v, phys.to(torch.int32).view(tables.shape)
+
+
+def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...]) -> dict[str, Any]:
+    """The default kernel over pools shuffled at coarser and coarser grain: where does the shuffle cost?"""
+    data = paged_cache([context] * batch, seed=batch + context)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+    nbytes = decode_bytes(batch, context)
+    want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
+    t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
+    out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
+                               sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / copy_gbs, 1), runs=[])  # fmt: skip
+    for run in runs:
+        if data["block_tables"].numel() % run:
+            continue
+        k, v, tables = pool_in_runs(data, run, seed=run)
+        pargs = (q, k, v, tables, data["context_lens"])
+        err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context), want)
+        assert err <= 2e-2, f"run {run}: max abs error {err}"
+        ms = time_graph(lambda pargs=pargs: pa.paged_decode_attention_triton(*pargs, max_context_len=context))
+        entry = dict(run_blocks=run, ms=round(ms, 5), pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1),
+                     vs_sdpa=round(t_sdpa / ms, 3), max_abs_err=err)  # fmt: skip
+        out["runs"].append(entry)
+        print("  ", entry, flush=True)
+        del k, v, tables, pargs
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="course/results")
     ap.add_argument("--name", default="decode_timeline_h200.json")
     ap.add_argument("--no-trace", action="store_true", help="only the sweep")
     ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}; '' for none")
+    ap.add_argument("--tables", default="", help="pools shuffled in runs of blocks at these shapes ('1x32768,...')")
     ap.add_argument("--traces", default="", help="only the trace cases whose label holds one of these (comma-separated)")
     args = ap.parse_args(argv)
     path = Path(args.out) / args.name
@@ -190,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             res["traces"].append(trace_case(label, batch, context, how, res["copy_gbs"]))
             torch.cuda.empty_cache()
             save_json(res, path)
+    for name in filter(None, args.tables.split(",")):
+        batch, context, _ = SWEEPS[name]
+        res[f"tables_{name}"] = sweep_tables(res["copy_gbs"], batch, context, TABLE_RUNS)
+        torch.cuda.empty_cache()
+        save_json(res, path)
     for name in filter(None, args.sweeps.split(",")):
         batch, context, variants = SWEEPS[name]
         res[f"sweep_{name}"] = sweep(res["copy_gbs"], batch, context, variants)
