@@ -300,29 +300,6 @@ def test_decode_prefetched_block_ids(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [1, 3, 4])
-def test_decode_swap_ab(dtype, group):
-    """Transposed products (K q^T, then V^T p^T): random signed inputs, lengths that end mid-tile and
-    mid-page, length 1 and an exact page multiple, D = 48 (masked), one and several splits (some empty),
-    with and without the id prefetch; against the oracle and the untransposed kernel."""
-    bs, hkv, d = 16, 2, 48
-    lens = [1, 47, 130, 96, 16, 33]
-    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=31 + group)
-    q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
-    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    base = pa.default_decode_config(dtype, d, q.device)
-    for prefetch in (False, True):
-        plain = pa.DecodeConfig(block_n=32, num_warps=base.num_warps, num_stages=base.num_stages, prefetch_ids=prefetch)
-        swapped = replace(plain, swap_ab=True)
-        for splits in (1, 3, 9):
-            got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=swapped)
-            ref = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=plain)
-            assert_close(got, want, dtype, f"swap_ab prefetch={prefetch} splits={splits}")
-            torch.testing.assert_close(got, ref, atol=TOL[dtype] / 4, rtol=0)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group", [3, 4])
 def test_decode_fused_merge(dtype, group):
     """The last split to arrive merges all GROUP heads at once (3: one padded head in its tile): many
@@ -866,23 +843,6 @@ def test_gpu_decode_merge_paths(fused, pdl, prefetch):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, want, torch.bfloat16, f"graph replay fused={fused}")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_gpu_decode_swap_ab(dtype, prefetch):
-    """The transposed products compiled (wgmma on Hopper): random lengths, one to many splits, stages 2 and 3."""
-    lens = random_lens(random.Random(5), 9, 16, 3000) + [1, 64, 4096]
-    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, dtype, seed=19)
-    q = torch.randn(len(lens), 32, 128, device=DEV).to(dtype)
-    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    for stages in (2, 3):
-        cfg = pa.DecodeConfig(swap_ab=True, prefetch_ids=prefetch, num_stages=stages)
-        for splits in (None, 1, 7, 64):
-            out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
-            assert_close(out, want, dtype, f"swap_ab stages={stages} splits={splits}")
 
 
 @gpu

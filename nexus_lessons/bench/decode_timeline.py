@@ -10,13 +10,13 @@ stream of launches it reports, in microseconds from the first program's start: h
 take to start, how long each loop runs, how far the ends spread (the tail, where the GPU runs with fewer
 and fewer programs), and what the merge adds after the last loop. Then ``--sweeps`` time split counts,
 tiles and warps at 1 x 32k and at the large batches against SDPA in the same run, with each newly
-compiled variant's registers and shared memory.
+compiled variant's registers and shared memory. ``--tables`` times the default kernel over pools shuffled
+in runs of 1 to all blocks (what a fragmented pool costs), with SDPA pinned to each of its backends.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,44 +42,31 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
     ("256 x 1024, 2 splits", 256, 1024, dict(num_splits=2, config=DecodeConfig(32, 1, 3, prefetch_ids=False,
                                                                                 schedule="split"))),
-    ("1 x 32k, swap_ab", 1, 32768, dict(config=DecodeConfig(swap_ab=True))),
-    ("64 x 4096, swap_ab 2 per SM", 64, 4096, dict(num_splits=1, config=DecodeConfig(
-        swap_ab=True, prefetch_ids=True, schedule="split"))),
-    ("64 x 4096, swap_ab 3 per SM", 64, 4096, dict(num_splits=1, config=DecodeConfig(
-        swap_ab=True, prefetch_ids=False, schedule="split"))),
 ]
 
 # Session 6's first run swept tiles, warps, stages and split counts here (decode_timeline_h200_run1.json,
 # commit 523b22d): nothing beat the default. The third (decode_timeline_h200_32k.json, commit 280ec50) had
 # split counts that fill every slot once ranges are balanced page by page, and partials stored in bf16
 # (removed again: slower). The large-batch sweep split each sequence (decode_timeline_h200_batch.json, commit
-# 280ec50): slower. Session 7 sweeps the transposed products (DecodeConfig.swap_ab: wgmma on Hopper), whose
-# K/V tiles the pipeliner multi-buffers: 2 buffers (72 KB, 3 programs per SM) without the id prefetch or
-# at 2 stages, 3 buffers (104 KB, 2 per SM, as cuDNN runs) with it at 3 stages.
-# Measured (decode_timeline_h200_s7.json): within a point of the default at every shape, slower where it
-# loses occupancy. The second sweep of session 7 (decode_timeline_h200_s7b.json) keeps more K/V in flight
-# per program with short tiles and deep pipelines (the id prefetch gives the gathered tiles num_stages - 1
-# buffers): 32-token tiles at 4 stages fit 4 programs per SM with 3 tiles of 16 KB in flight each.
-SWAP = DecodeConfig(swap_ab=True)
+# 280ec50): slower. Session 7's first sweep (decode_timeline_h200_s7.json, commit 45b1749) had the products
+# transposed (K q^T and V^T p^T, so the keys are the MMA's M and Hopper's wgmma reads K/V from shared memory):
+# within a point of the default everywhere, so removed again. Its second (decode_timeline_h200_s7b.json), the
+# list below, keeps more K/V in flight per program with short tiles and deep pipelines (the id prefetch gives
+# the gathered tiles num_stages - 1 buffers): 32-token tiles at 4 stages fit 4 programs per SM with 3 tiles of
+# 16 KB in flight each. None beat the default either.
 
 
 def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
     return DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, prefetch_ids=True, **more)
 
 
-SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {}), ("swap_ab", dict(config=SWAP))]
+SWEEP_32K: list[tuple[str, dict[str, Any]]] = [("default", {})]
 for _splits, _bn, _w, _st in ((32, 32, 4, 5), (32, 32, 4, 7), (48, 32, 4, 4), (64, 32, 4, 4), (32, 32, 2, 5),
                               (64, 16, 2, 6), (64, 16, 4, 6), (48, 16, 4, 8), (32, 64, 4, 4)):
     SWEEP_32K.append((f"{_splits} splits block_n={_bn} warps={_w} stages={_st} prefetch", dict(
         num_splits=_splits, config=_deep(_bn, _w, _st))))  # fmt: skip
-SWEEP_32K.append(("swap_ab evict_first", dict(config=replace(SWAP, evict_first=True))))
 
-SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [
-    ("default", {}),
-    ("swap_ab stages=3 prefetch (2 per SM)", dict(num_splits=1, config=replace(SWAP, prefetch_ids=True, schedule="split"))),
-    ("swap_ab stages=3 prefetch evict_first", dict(
-        num_splits=1, config=replace(SWAP, prefetch_ids=True, evict_first=True, schedule="split"))),
-]
+SWEEP_BATCH: list[tuple[str, dict[str, Any]]] = [("default", {})]
 for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6), (16, 2, 6), (16, 1, 6)):
     SWEEP_BATCH.append((f"block_n={_bn} warps={_w} stages={_st} prefetch", dict(
         num_splits=1, config=_deep(_bn, _w, _st, schedule="split"))))  # fmt: skip
@@ -188,6 +175,29 @@ def pool_in_runs(data: dict[str, torch.Tensor], run: int, seed: int) -> tuple[to
     return k, v, phys.to(torch.int32).view(tables.shape)
 
 
+def sdpa_by_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor, nbytes: int,
+                    copy_gbs: float) -> dict[str, Any]:
+    """SDPA pinned to each backend in turn: the default dispatch is the baseline, this says which one it is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, Any] = {}
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        def pinned(backend: str = backend) -> torch.Tensor:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+        try:
+            err = max_err(pinned(), want)
+            ms = time_graph(pinned)
+            out[backend.lower()] = dict(ms=round(ms, 5), pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1),
+                                        max_abs_err=err)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a backend that refuses the shape is information too
+            out[backend.lower()] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+            torch.cuda.synchronize()
+    print("   sdpa by backend:", out, flush=True)
+    return out
+
+
 def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...]) -> dict[str, Any]:
     """The default kernel over pools shuffled at coarser and coarser grain: where does the shuffle cost?"""
     data = paged_cache([context] * batch, seed=batch + context)
@@ -197,6 +207,7 @@ def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...
     t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
                                sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / copy_gbs, 1), runs=[])  # fmt: skip
+    out["sdpa_by_backend"] = sdpa_by_backend(q, data["k"], data["v"], want, nbytes, copy_gbs)
     for run in runs:
         if data["block_tables"].numel() % run:
             continue

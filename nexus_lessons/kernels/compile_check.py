@@ -170,8 +170,6 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
            ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
            ("decode bf16 32 splits fused", decode(torch.bfloat16, 32)),  # the 1 x 32k plan: the merge's widest load
            ("decode bf16 32 splits traced", traced(decode(torch.bfloat16, 32))),  # bench/decode_timeline.py
-           ("decode bf16 1 split swap_ab", decode(torch.bfloat16, 1, swap_ab=True)),
-           ("decode bf16 32 splits swap_ab", decode(torch.bfloat16, 32, swap_ab=True)),
            ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
            ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
            ("extend bf16 causal", extend(torch.bfloat16, False)),

@@ -164,8 +164,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # Transposed products (keys as the MMA's M): wgmma on Hopper instead of mma.sync + ldmatrix
-    swap_ab: bool = False
 
 
 @triton.jit
@@ -174,7 +172,7 @@ def _decode_range(
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    PREFETCH_IDS: tl.constexpr,
 ):  # fmt: skip
     """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
 
@@ -182,21 +180,12 @@ def _decode_range(
     ``ids_end`` bounds the block-table read of the first tile (PREFETCH_IDS): ``end``, or a bound the
     caller knows without loading the context length, so that this read need not wait for that load.
     Shared by the split kernel and the stream-K kernel (``decode_streamk.py``); inlined into both.
-
-    SWAP_AB computes the transposed products, scores as K q^T [BLOCK_N, BLOCK_G] and the output as
-    V^T p^T [BLOCK_D, BLOCK_G]: the tile's keys (then the head dim) are the MMA's M, which a GQA group
-    of 4 padded to 16 is not, so Hopper's wgmma (M a multiple of 64 per 4 warps) applies and reads K and V
-    straight from shared memory instead of through ldmatrix into registers.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    if SWAP_AB:
-        acc_t = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
-        q_t = tl.trans(q)
-    else:
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
         first = start + tl.arange(0, BLOCK_N)
         next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
@@ -223,17 +212,9 @@ def _decode_range(
         )
         if UPCAST:
             k = k.to(tl.float32)
-        if SWAP_AB:
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_G], base 2
-            s_t = tl.where(n_mask[:, None], s_t, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_t, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p_t = tl.exp2(s_t - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p_t, 0)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, False)  # every tile has >= 1 valid token
         v = tl.load(
             v_base + block[:, None] * stride_vcb + in_block[:, None] * stride_vct + offs_d[None, :] * stride_vcd,
             mask=kv_mask,
@@ -242,13 +223,8 @@ def _decode_range(
         )
         if UPCAST:
             v = v.to(tl.float32)
-        if SWAP_AB:
-            acc_t = tl.dot(tl.trans(v), p_t.to(v.dtype), acc_t * alpha[None, :], input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # in place
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
         m_i = m_new
-    if SWAP_AB:
-        acc = tl.trans(acc_t)
     return acc, m_i, l_i
 
 
@@ -269,7 +245,6 @@ def _decode_split_kernel(
     FUSED_MERGE: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     PDL: tl.constexpr,
     PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, HOST_SPLIT: tl.constexpr, TRACE: tl.constexpr = False,
-    SWAP_AB: tl.constexpr = False,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -322,7 +297,7 @@ def _decode_split_kernel(
     acc, m_i, l_i = _decode_range(
         q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
         stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
-        HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS, SWAP_AB,
+        HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
     )  # fmt: skip
     if TRACE:
         t_loop = globaltimer()
@@ -695,7 +670,7 @@ def paged_decode_attention_triton(
         DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
-        HOST_SPLIT=host_split and not direct, TRACE=TRACE_BUFFER is not None, SWAP_AB=cfg.swap_ab,
+        HOST_SPLIT=host_split and not direct, TRACE=TRACE_BUFFER is not None,
         BLOCK_GM=triton.next_power_of_2(group),
         # 128 fp32 per thread: a chunk of [BLOCK_GM, CHUNK_S, BLOCK_D] partials spread over the program's threads
         CHUNK_S=min(block_s, max(2, 128 * 32 * cfg.num_warps // (block_d * triton.next_power_of_2(group)))),
