@@ -27,7 +27,7 @@ from ..kernels import paged_attention as pa
 from ..kernels.paged_attention import DecodeConfig
 from .common import copy_bandwidth_gbs, environment, save_json
 from .decode_waves import compiled_kernels
-from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, time_graph
+from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, sdpa_backends, time_graph
 
 TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 32k, default plan", 1, 32768, {}),
@@ -175,29 +175,6 @@ def pool_in_runs(data: dict[str, torch.Tensor], run: int, seed: int) -> tuple[to
     return k, v, phys.to(torch.int32).view(tables.shape)
 
 
-def sdpa_by_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor, nbytes: int,
-                    copy_gbs: float) -> dict[str, Any]:
-    """SDPA pinned to each backend in turn: the default dispatch is the baseline, this says which one it is."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    out: dict[str, Any] = {}
-    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-        def pinned(backend: str = backend) -> torch.Tensor:
-            with sdpa_kernel([getattr(SDPBackend, backend)]):
-                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
-
-        try:
-            err = max_err(pinned(), want)
-            ms = time_graph(pinned)
-            out[backend.lower()] = dict(ms=round(ms, 5), pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1),
-                                        max_abs_err=err)  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - a backend that refuses the shape is information too
-            out[backend.lower()] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
-            torch.cuda.synchronize()
-    print("   sdpa by backend:", out, flush=True)
-    return out
-
-
 def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...]) -> dict[str, Any]:
     """The default kernel over pools shuffled at coarser and coarser grain: where does the shuffle cost?"""
     data = paged_cache([context] * batch, seed=batch + context)
@@ -207,7 +184,10 @@ def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...
     t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
                                sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / copy_gbs, 1), runs=[])  # fmt: skip
-    out["sdpa_by_backend"] = sdpa_by_backend(q, data["k"], data["v"], want, nbytes, copy_gbs)
+    out["sdpa_by_backend"] = sdpa_backends(
+        lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True),
+        lambda o: max_err(o[:, :, 0], want),
+        lambda t: dict(ms=round(t, 5), pct_copy=round(100 * nbytes / t / 1e6 / copy_gbs, 1)))  # fmt: skip
     for run in runs:
         if data["block_tables"].numel() % run:
             continue

@@ -413,8 +413,10 @@ def run_decode(run: Run, batch: int, context: int, copy_gbs: float | None) -> No
     run.save()
 
 
-def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: float, batch: int, new: int) -> dict:
-    """SDPA pinned to each backend in turn: which one the default picked matters for the comparison."""
+def sdpa_backends(sdpa: Callable[[], torch.Tensor], error: Callable[[torch.Tensor], float],
+                  rate: Callable[[float], dict[str, float]]) -> dict:
+    """SDPA pinned to each backend in turn: which one the default picked matters for the comparison.
+    ``error`` scores an output against the reference, ``rate`` turns milliseconds into the row's figures."""
     if DEV.type != "cuda":
         return {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -429,13 +431,12 @@ def sdpa_backends(sdpa: Callable[[], torch.Tensor], want: torch.Tensor, flops: f
                 return sdpa()
 
         try:
-            err = max_err(pinned().transpose(1, 2).reshape(batch * new, HQ, D), want)
-            t = time_graph(pinned, rep_ms=50)
-            out[backend.lower()] = dict(ms=round(t, 4), tflops=round(flops / t / 1e9, 1), max_abs_err=err)
+            err = error(pinned())
+            out[backend.lower()] = dict(**rate(time_graph(pinned, rep_ms=50)), max_abs_err=err)
         except Exception as exc:  # noqa: BLE001 - a backend that refuses these shapes is information too
             out[backend.lower()] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
             _sync()
-    print(f"  sdpa by backend: { {k: v.get('tflops', 'n/a') for k, v in out.items()} }", flush=True)
+    print(f"  sdpa by backend: {out}", flush=True)
     return out
 
 
@@ -536,7 +537,9 @@ def run_extend(run: Run, batch: int, cached: int, new: int, variants: bool) -> N
     row["sdpa"] = dict(ms=round(t_sdpa, 4), tflops=round(flops / t_sdpa / 1e9, 1))
     row["ours_pct_of_sdpa_tflops"] = round(100 * t_sdpa / t_ours, 1)
     print(f"  ours {row['ours']}  sdpa {row['sdpa']}  ({row['ours_pct_of_sdpa_tflops']}% of SDPA)", flush=True)
-    row["sdpa_by_backend"] = sdpa_backends(sdpa, ref_sdpa, flops, batch, new)
+    row["sdpa_by_backend"] = sdpa_backends(
+        sdpa, lambda o: max_err(o.transpose(1, 2).reshape(batch * new, HQ, D), ref_sdpa),
+        lambda t: dict(ms=round(t, 4), tflops=round(flops / t / 1e9, 1)))  # fmt: skip
     run.save()
 
     if not run.variants:
