@@ -296,11 +296,6 @@ def test_decode_prefetched_block_ids(dtype):
             )
             assert_close(got, want, dtype, f"prefetch block_n={block_n} splits={splits}")
             torch.testing.assert_close(got, ref, atol=TOL[dtype] / 4, rtol=0)
-            # The L2 prefetch is a hint, compiled only for sm_90+ (the interpreter runs without it)
-            l2 = replace(ahead, l2_prefetch=2)
-            assert pa.l2_prefetch_available(k_cache, v_cache) == (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9)
-            got_l2 = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=l2)
-            torch.testing.assert_close(got_l2, got, atol=TOL[dtype] / 4, rtol=0)
 
 
 @needs_triton
@@ -726,9 +721,6 @@ def test_bad_decode_input():
         call(q, kc, vc, bad, ctx)
     with pytest.raises(ValueError, match="num_splits"):
         call(q, kc, vc, bt, ctx, num_splits=0)
-    if TRITON_OK:
-        with pytest.raises(ValueError, match="l2_prefetch must be >= 0"):
-            pa.paged_decode_attention_triton(q, kc, vc, bt, ctx, config=pa.DecodeConfig(l2_prefetch=-1))
 
 
 def test_bad_write_and_prefill_input():
@@ -851,23 +843,6 @@ def test_gpu_decode_merge_paths(fused, pdl, prefetch):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, want, torch.bfloat16, f"graph replay fused={fused}")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("ahead", [1, 3])
-@pytest.mark.parametrize("splits", [1, 7, 64])
-def test_gpu_decode_l2_prefetch(ahead, splits):
-    """The bulk L2 prefetch of the rows some tiles ahead: compiled in on the H200, and the output unchanged
-    (a prefetch past a range's end is predicated off; the poison block would show as NaN otherwise)."""
-    lens = random_lens(random.Random(2), 6, 16, 3000) + [1, 64 * 16]
-    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=17)
-    assert pa.l2_prefetch_available(k_cache, v_cache)
-    q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
-    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    for cfg in (pa.DecodeConfig(l2_prefetch=ahead), pa.DecodeConfig(32, 1, 3, l2_prefetch=ahead, prefetch_ids=True)):
-        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
-        assert_close(out, want, torch.bfloat16, f"l2_prefetch={ahead} splits={splits} {cfg}")
 
 
 @gpu

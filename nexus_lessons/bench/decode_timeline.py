@@ -17,7 +17,6 @@ in runs of 1 to all blocks (what a fragmented pool costs), with SDPA pinned to e
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,6 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 2048, default plan (4 splits of 8 tiles)", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
     ("256 x 1024, default plan", 256, 1024, {}),
-    ("1 x 32k, l2_prefetch=2", 1, 32768, dict(config=DecodeConfig(l2_prefetch=2))),
-    ("64 x 4096, l2_prefetch=2", 64, 4096, dict(config=DecodeConfig(l2_prefetch=2))),
     ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
     ("256 x 1024, 2 splits", 256, 1024, dict(num_splits=2, config=DecodeConfig(32, 1, 3, prefetch_ids=False,
                                                                                 schedule="split"))),
@@ -56,7 +53,10 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # within a point of the default everywhere, so removed again. Its second (decode_timeline_h200_s7b.json), the
 # list below, keeps more K/V in flight per program with short tiles and deep pipelines (the id prefetch gives
 # the gathered tiles num_stages - 1 buffers): 32-token tiles at 4 stages fit 4 programs per SM with 3 tiles of
-# 16 KB in flight each. None beat the default either.
+# 16 KB in flight each. None beat the default either. Session 8 asked L2 for the K/V rows 1-6 tiles ahead
+# (DecodeConfig.l2_prefetch, commits 91b781d and 9b0a0b2): as sm_90 bulk prefetches per 256-byte row
+# (decode_l2_bulk_h200.json) 0.58-0.89x the plain kernel, as prefetch.global.L2 per 128-byte line
+# (decode_l2_h200.json) 0.57-0.99x, worse the further ahead. Removed again.
 
 
 def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
@@ -76,32 +76,8 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
-# Session 8: ask L2 for the rows of the tile ``l2`` tiles ahead (DecodeConfig.l2_prefetch, Hopper's bulk
-# prefetch), on the shape's default config unless one is given. Each list times the default first and last.
-def _l2_sweep(extra: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    return ([("default", {})] + [(f"l2_prefetch={a}", dict(l2=a)) for a in (1, 2, 3, 4, 6)] + extra
-            + [("default (again)", {})])  # fmt: skip
-
-
-SWEEP_L2_32K = _l2_sweep([
-    ("l2_prefetch=2, no id prefetch, 32 splits", dict(l2=2, num_splits=32, config=DecodeConfig(prefetch_ids=False))),
-    ("l2_prefetch=4, no id prefetch", dict(l2=4, config=DecodeConfig(prefetch_ids=False))),
-    ("l2_prefetch=2 evict_first", dict(l2=2, config=DecodeConfig(evict_first=True))),
-    ("l2_prefetch=2, 33 splits", dict(l2=2, num_splits=33)),
-])  # fmt: skip
-SWEEP_L2_BATCH = _l2_sweep([
-    ("l2_prefetch=2 evict_first", dict(l2=2, config=DecodeConfig(evict_first=True, schedule="split"))),
-    ("l2_prefetch=2, block_n=32 warps=2", dict(l2=2, config=DecodeConfig(32, 2, 3, schedule="split"))),
-])  # fmt: skip
-SWEEP_L2_MANY = _l2_sweep([
-    ("l2_prefetch=2, block_n=64 warps=4", dict(l2=2, config=DecodeConfig(schedule="split"))),
-    ("l2_prefetch=2, block_n=32 warps=2", dict(l2=2, config=DecodeConfig(32, 2, 3, schedule="split"))),
-])  # fmt: skip
-
 TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
-SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH),
-          "l2_1x32768": (1, 32768, SWEEP_L2_32K), "l2_64x4096": (64, 4096, SWEEP_L2_BATCH),
-          "l2_256x1024": (256, 1024, SWEEP_L2_MANY)}
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -167,10 +143,6 @@ def sweep(copy_gbs: float, batch: int, context: int, variants: list[tuple[str, d
 
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
     for label, how in variants:
-        if "l2" in how:  # the L2 prefetch distance, on the given config or the shape's default one
-            how = dict(how)
-            base = how.get("config") or pa.default_decode_config(DTYPE, D, q.device, batch * HKV)
-            how["config"] = replace(base, l2_prefetch=how.pop("l2"))
         seen = {k["name"] + str(k["n_regs"]) + str(k["shared"]) for k in compiled_kernels(pa._decode_split_kernel)}
         try:
             err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how), want)

@@ -153,17 +153,6 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
 
         return run
 
-    def l2(call: Callable[[], Any]) -> Callable[[], Any]:  # meta tensors say no; the H200 says yes
-        def run() -> Any:
-            saved = pa.l2_prefetch_available
-            pa.l2_prefetch_available = lambda *_: True
-            try:
-                return call()
-            finally:
-                pa.l2_prefetch_available = saved
-
-        return run
-
     def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
         q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)
         qsl = torch.empty(9, device=meta, dtype=torch.int32)
@@ -181,7 +170,6 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
            ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
            ("decode bf16 32 splits fused", decode(torch.bfloat16, 32)),  # the 1 x 32k plan: the merge's widest load
            ("decode bf16 32 splits traced", traced(decode(torch.bfloat16, 32))),  # bench/decode_timeline.py
-           ("decode bf16 32 splits L2 prefetch", l2(decode(torch.bfloat16, 32, l2_prefetch=2))),
            ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
            ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
            ("extend bf16 causal", extend(torch.bfloat16, False)),

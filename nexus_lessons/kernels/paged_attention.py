@@ -164,21 +164,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # Ask L2 for the K/V rows of the tile this many tiles ahead (prefetch.global.L2, one per 128-byte line,
-    # fire and forget): DRAM reads start early without shared memory to hold them. 0: off.
-    l2_prefetch: int = 0
-
-
-# An L2 prefetch of one 128-byte line, predicated on the second operand (the dummy result keeps the asm)
-_PREFETCH_L2_LINE = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
-
-
-@triton.jit
-def _prefetch_rows(rows, ok, L2_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
-    """Ask L2 for every 128-byte line of the rows [BLOCK_N] where ``ok``: fire and forget, no registers."""
-    lines = rows[:, None] + tl.arange(0, L2_LINES)[None, :] * LINE_ELEMS
-    tl.inline_asm_elementwise(_PREFETCH_L2_LINE, "=r,l,r", [lines, ok[:, None] + tl.zeros([1, L2_LINES], tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -187,7 +172,7 @@ def _decode_range(
     stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, L2_AHEAD: tl.constexpr = 0, L2_LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 1,
+    PREFETCH_IDS: tl.constexpr,
 ):  # fmt: skip
     """(acc, max, sum): q's GROUP heads [BLOCK_G, BLOCK_D] over tokens [start, end) of one sequence's KV head.
 
@@ -204,20 +189,9 @@ def _decode_range(
     if PREFETCH_IDS:  # the first tile's block ids; each iteration then loads the next tile's
         first = start + tl.arange(0, BLOCK_N)
         next_block = tl.load(table + (first // PAGE_SIZE) * stride_btn, mask=first < ids_end, other=0)
-    if L2_AHEAD > 0:  # the block ids L2_AHEAD tiles ahead, carried by the loop like next_block
-        far = start + L2_AHEAD * BLOCK_N + tl.arange(0, BLOCK_N)
-        far_block = tl.load(table + (far // PAGE_SIZE) * stride_btn, mask=far < ids_end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        if L2_AHEAD > 0:
-            far = offs_n + L2_AHEAD * BLOCK_N
-            far_row = far_block.to(tl.int64)
-            far_ok = (far < end).to(tl.int32)
-            _prefetch_rows(k_base + far_row * stride_kcb + (far % PAGE_SIZE) * stride_kct, far_ok, L2_LINES, LINE_ELEMS)
-            _prefetch_rows(v_base + far_row * stride_vcb + (far % PAGE_SIZE) * stride_vct, far_ok, L2_LINES, LINE_ELEMS)
-            far += BLOCK_N
-            far_block = tl.load(table + (far // PAGE_SIZE) * stride_btn, mask=far < end, other=0)
         # Gather: token -> (physical block, offset in block) through this sequence's block table.
         if PREFETCH_IDS:
             # Block ids one tile ahead, carried by the loop: the K/V loads' addresses then come from the
@@ -271,7 +245,6 @@ def _decode_split_kernel(
     FUSED_MERGE: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     PDL: tl.constexpr,
     PDL_START: tl.constexpr, PREFETCH_IDS: tl.constexpr, HOST_SPLIT: tl.constexpr, TRACE: tl.constexpr = False,
-    L2_AHEAD: tl.constexpr = 0, L2_LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 1,
 ):  # fmt: skip
     """Program (b, kv_head, split): all GROUP query heads of one KV head over one range of the context.
 
@@ -325,7 +298,6 @@ def _decode_split_kernel(
         q, table, KCache + kv_head * stride_kch, VCache + kv_head * stride_vch, start, end, ids_end, qk_scale,
         stride_btn, stride_kcb, stride_kct, stride_kcd, stride_vcb, stride_vct, stride_vcd,
         HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST, EVICT, PREFETCH_IDS,
-        L2_AHEAD, L2_LINES, LINE_ELEMS,
     )  # fmt: skip
     if TRACE:
         t_loop = globaltimer()
@@ -469,14 +441,6 @@ def pdl_available(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def l2_prefetch_available(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """The L2 prefetch needs compiled code on a GPU, and rows that are contiguous whole 128-byte lines."""
-    if interpreting() or k_cache.device.type != "cuda":
-        return False
-    return all(c.stride(-1) == 1 and c.data_ptr() % 128 == 0 and (c.shape[-1] * c.element_size()) % 128 == 0
-               and all((s * c.element_size()) % 128 == 0 for s in c.stride()[:-1]) for c in (k_cache, v_cache))
 
 
 def num_sms(device: torch.device) -> int:
@@ -690,9 +654,6 @@ def paged_decode_attention_triton(
         lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
         p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
     counters = merge_counters(q.device, batch * num_kv_heads) if fused else context_lens  # else: never read
-    if cfg.l2_prefetch < 0:
-        raise ValueError(f"DecodeConfig.l2_prefetch must be >= 0 tiles, got {cfg.l2_prefetch}")
-    l2_ahead = cfg.l2_prefetch if l2_prefetch_available(k_cache, v_cache) else 0
     block_d = triton.next_power_of_2(head_dim)
     block_s = max(2, triton.next_power_of_2(num_splits))
     args = (
@@ -710,8 +671,6 @@ def paged_decode_attention_triton(
         EVICT="evict_first" if cfg.evict_first else "", FUSED_MERGE=fused, BLOCK_S=block_s, PDL=pdl,
         PDL_START=pdl and cfg.pdl == "start", PREFETCH_IDS=prefetch,
         HOST_SPLIT=host_split and not direct, TRACE=TRACE_BUFFER is not None,
-        L2_AHEAD=l2_ahead, L2_LINES=max(1, head_dim * k_cache.element_size() // 128),
-        LINE_ELEMS=128 // k_cache.element_size(),
         BLOCK_GM=triton.next_power_of_2(group),
         # 128 fp32 per thread: a chunk of [BLOCK_GM, CHUNK_S, BLOCK_D] partials spread over the program's threads
         CHUNK_S=min(block_s, max(2, 128 * 32 * cfg.num_warps // (block_d * triton.next_power_of_2(group)))),
