@@ -351,29 +351,6 @@ def test_decode_host_split(bound):
             assert_close(got, want, torch.float32, f"{bound} bound, {splits} splits, fused={fused}")
 
 
-@needs_triton
-def test_decode_tail_splits():
-    """Big splits first, then small tail splits over the last pages of each context: contexts that end
-    before, inside and past the tail (23 pages at most, max_context_len 360), both merges, tiles that
-    start inside a page run; without max_context_len there is no tail; bad values are rejected."""
-    bs, hkv, group, d = 16, 2, 4, 32
-    lens = [1, 47, 130, 96, 16, 360, 333]
-    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=29)
-    q = torch.randn(len(lens), hkv * group, d).to(DEV)
-    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    for fused, block_n in ((False, 16), (True, 32)):
-        for splits, tails, frac in ((1, 4, 0.25), (2, 3, 0.4), (5, 2, 0.1)):
-            cfg = pa.DecodeConfig(block_n=block_n, num_warps=4, num_stages=1, fused_merge=fused,
-                                  tail_splits=tails, tail_fraction=frac)  # fmt: skip
-            for bound in (max(lens), None):
-                got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits,
-                                                       max_context_len=bound, config=cfg)  # fmt: skip
-                assert_close(got, want, torch.float32, f"{splits} + {tails} tail splits ({frac}), bound={bound}")
-    for bad in (dict(tail_splits=-1), dict(tail_splits=2, tail_fraction=1.0)):
-        with pytest.raises(ValueError, match="tail_splits must be >= 0 and tail_fraction in"):
-            pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=pa.DecodeConfig(**bad))
-
-
 def test_default_decode_config_many_programs(monkeypatch):
     """One-warp 32-token programs only when B x Hkv gives many programs per SM, only for 16-bit K/V."""
     monkeypatch.setattr(pa, "num_sms", lambda device: 132)

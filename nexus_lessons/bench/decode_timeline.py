@@ -17,7 +17,6 @@ in runs of 1 to all blocks (what a fragmented pool costs), with SDPA pinned to e
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,6 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 2048, default plan (4 splits of 8 tiles)", 1, 2048, {}),
     ("64 x 4096, default plan", 64, 4096, {}),
     ("256 x 1024, default plan", 256, 1024, {}),
-    ("64 x 4096, 4 tail splits over 1/8", 64, 4096, dict(config=DecodeConfig(tail_splits=4, tail_fraction=0.125))),
-    ("1 x 32k, 32 tail splits over 1/8", 1, 32768, dict(config=DecodeConfig(tail_splits=32, tail_fraction=0.125))),
     ("64 x 4096, 4 splits", 64, 4096, dict(num_splits=4, config=DecodeConfig(prefetch_ids=False, schedule="split"))),
     ("256 x 1024, 2 splits", 256, 1024, dict(num_splits=2, config=DecodeConfig(32, 1, 3, prefetch_ids=False,
                                                                                 schedule="split"))),
@@ -59,7 +56,11 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # 16 KB in flight each. None beat the default either. Session 8 asked L2 for the K/V rows 1-6 tiles ahead
 # (DecodeConfig.l2_prefetch, commits 91b781d and 9b0a0b2): as sm_90 bulk prefetches per 256-byte row
 # (decode_l2_bulk_h200.json) 0.58-0.89x the plain kernel, as prefetch.global.L2 per 128-byte line
-# (decode_l2_h200.json) 0.57-0.99x, worse the further ahead. Removed again.
+# (decode_l2_h200.json) 0.57-0.99x, worse the further ahead. Removed again. Its second sweep cut the last
+# 1/16 to 1/4 of each context into 2-64 small "tail" splits launched after the big ones, so that they would
+# fill slots as programs finished (DecodeConfig.tail_splits, commit bfa4f05; decode_tail_h200.json): 0.81-1.00x
+# the default. At 64 x 4096 a 2-tile tail split runs ~10 us (the queue of a saturated HBM: ~4 us per
+# tile), and at 1 x 32k the tails start at once in the third slot of each SM. Removed again.
 
 
 def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
@@ -79,26 +80,8 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
-
-def _tails(base: DecodeConfig, cuts: tuple[tuple[int, float], ...], **more: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Session 8: the default plan plus ``tail_splits`` small splits over the last ``tail_fraction`` of each
-    context, launched after the big ones; the default timed first and last."""
-    out: list[tuple[str, dict[str, Any]]] = [("default", {})]
-    for n, f in cuts:
-        out.append((f"{n} tail splits over {f}", dict(config=replace(base, tail_splits=n, tail_fraction=f), **more)))
-    return out + [("default (again)", {})]
-
-
-SWEEP_TAIL_32K = _tails(DecodeConfig(), ((32, 0.125), (16, 0.125), (64, 0.125), (32, 0.0625), (32, 0.25), (16, 0.0625)))
-SWEEP_TAIL_32K[-1:-1] = [(f"{big} big + {n} tail splits over {f}", dict(num_splits=big, config=DecodeConfig(
-    tail_splits=n, tail_fraction=f))) for big, n, f in ((24, 32, 0.25), (48, 48, 0.125), (49, 32, 0.125))]  # fmt: skip
-SWEEP_TAIL_BATCH = _tails(DecodeConfig(), ((4, 0.125), (2, 0.0625), (4, 0.0625), (8, 0.125), (4, 0.25), (16, 0.25)))
-SWEEP_TAIL_MANY = _tails(DecodeConfig(32, 1, 3, schedule="split"), ((2, 0.125), (4, 0.125), (4, 0.25), (2, 0.25)))
-
 TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
-SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH),
-          "tail_1x32768": (1, 32768, SWEEP_TAIL_32K), "tail_64x4096": (64, 4096, SWEEP_TAIL_BATCH),
-          "tail_256x1024": (256, 1024, SWEEP_TAIL_MANY)}
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:

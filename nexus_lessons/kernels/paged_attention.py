@@ -164,13 +164,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # Tail splits (split schedule, with max_context_len given): the last ``tail_fraction`` of each context
-    # is cut into ``tail_splits`` small extra splits. The grid launches every big split first, so the small
-    # ones start as the big ones finish, wherever a slot frees: the launch then ends within a small split
-    # of its mean program instead of waiting for its slowest. The result does not depend on which program
-    # ran where (each split has its own partial; the merge is in split order).
-    tail_splits: int = 0
-    tail_fraction: float = 0.0
 
 
 @triton.jit
@@ -236,16 +229,9 @@ def _decode_range(
 
 
 @triton.jit
-def _split_page(s, big_splits, big_pages, host_pages, tail_splits):
-    """First page of split ``s``: big splits share ``big_pages`` evenly, tail splits the pages after them."""
-    tail = big_pages + (s - big_splits) * (host_pages - big_pages) // tail_splits
-    return tl.where(s <= big_splits, s * big_pages // big_splits, tail)
-
-
-@triton.jit
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters, Trace,
-    qk_scale, num_splits, num_kv_heads, host_pages, table_tokens, big_splits, big_pages, tail_splits,
+    qk_scale, num_splits, num_kv_heads, host_pages, table_tokens,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
@@ -283,10 +269,9 @@ def _decode_split_kernel(
         # two loads overlap (one memory latency less before the K/V stream starts); and any split count
         # balances (1 x 32k: 33 splits of 62-63 pages fill both slots of every SM). The last split takes
         # whatever is left, even past that max.
-        # With tail splits, the first ``big_splits`` share the first ``big_pages`` and the rest share the tail.
         last = split == num_splits - 1
-        start = _split_page(split, big_splits, big_pages, host_pages, tail_splits) * PAGE_SIZE
-        stop = _split_page(split + 1, big_splits, big_pages, host_pages, tail_splits) * PAGE_SIZE
+        start = (split * host_pages // num_splits) * PAGE_SIZE
+        stop = ((split + 1) * host_pages // num_splits) * PAGE_SIZE
         end = tl.where(last, context_len, tl.minimum(stop, context_len))
         ids_end = tl.where(last, table_tokens, tl.minimum(stop, table_tokens))
     else:
@@ -651,17 +636,6 @@ def paged_decode_attention_triton(
         num_splits = planned
     elif cfg.prefetch_ids is None:
         prefetch = num_splits > 1
-    if cfg.tail_splits < 0 or not 0.0 <= cfg.tail_fraction < 1.0:
-        raise ValueError(f"DecodeConfig: tail_splits must be >= 0 and tail_fraction in [0, 1), got "
-                         f"{cfg.tail_splits} and {cfg.tail_fraction}")  # fmt: skip
-    host_pages = math.ceil(max_context_len / k_cache.shape[1])
-    big_splits, big_pages, tail_splits = num_splits, host_pages, 1  # tail_splits 1: never divides by 0
-    if cfg.tail_splits and cfg.tail_fraction > 0 and host_split:
-        big_splits, tail_splits = num_splits, cfg.tail_splits
-        num_splits += cfg.tail_splits
-        big_pages = host_pages - max(cfg.tail_splits, round(host_pages * cfg.tail_fraction))
-        if big_pages < big_splits:  # too short to cut: no tail
-            num_splits, big_pages, tail_splits = big_splits, host_pages, 1
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
@@ -685,7 +659,8 @@ def paged_decode_attention_triton(
     args = (
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, partial, lse, counters,  # lens as b
         TRACE_BUFFER if TRACE_BUFFER is not None else context_lens,  # else: never written
-        scale * LOG2E, num_splits, num_kv_heads, host_pages, table_tokens, big_splits, big_pages, tail_splits,
+        scale * LOG2E, num_splits, num_kv_heads,
+        math.ceil(max_context_len / k_cache.shape[1]), table_tokens,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *p_strides, *l_strides,
     )  # fmt: skip
@@ -702,9 +677,8 @@ def paged_decode_attention_triton(
         **launch_options(cfg),
     )  # fmt: skip
     grid = (batch, num_kv_heads, num_splits)
-    tailed = big_pages < host_pages
-    schedule = "split" if forced or tailed else choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta,
-                                                                q.device, max_context_len, mean_context_len)  # fmt: skip
+    schedule = "split" if forced else choose_schedule(cfg, batch, grid, _decode_split_kernel, args, meta, q.device,
+                                                      max_context_len, mean_context_len)  # fmt: skip
     if schedule == "streamk":
         return _streamk.paged_decode_attention_streamk(q, k_cache, v_cache, block_tables, context_lens, scale, config=cfg)
     _decode_split_kernel[grid](*args, **meta)
