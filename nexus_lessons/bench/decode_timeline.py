@@ -55,10 +55,10 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # the gathered tiles num_stages - 1 buffers): 32-token tiles at 4 stages fit 4 programs per SM with 3 tiles of
 # 16 KB in flight each. None beat the default either. Session 8 asked L2 for the K/V rows 1-6 tiles ahead
 # (DecodeConfig.l2_prefetch, commits 91b781d and 9b0a0b2): as sm_90 bulk prefetches per 256-byte row
-# (decode_l2_bulk_h200.json) 0.58-0.89x the plain kernel, as prefetch.global.L2 per 128-byte line
-# (decode_l2_h200.json) 0.57-0.99x, worse the further ahead. Removed again. Its second sweep cut the last
+# (decode_l2_bulk_h200.json) 0.53-0.88x the plain kernel, as prefetch.global.L2 per 128-byte line
+# (decode_l2_h200.json) 0.58-0.99x, worse the further ahead. Removed again. Its second sweep cut the last
 # 1/16 to 1/4 of each context into 2-64 small "tail" splits launched after the big ones, so that they would
-# fill slots as programs finished (DecodeConfig.tail_splits, commit bfa4f05; decode_tail_h200.json): 0.81-1.00x
+# fill slots as programs finished (DecodeConfig.tail_splits, commit bfa4f05; decode_tail_h200.json): 0.82-1.00x
 # the default. At 64 x 4096 a 2-tile tail split runs ~10 us (the queue of a saturated HBM: ~4 us per
 # tile), and at 1 x 32k the tails start at once in the third slot of each SM. Removed again.
 
