@@ -80,8 +80,16 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
+# Session 8: several KV heads of one sequence per program (DecodeConfig.heads_per_program), unsplit launches.
+SWEEP_HEADS: list[tuple[str, dict[str, Any]]] = [("default", {})]
+for _h, _bn, _w in ((2, 64, 4), (2, 32, 4), (2, 64, 8), (4, 32, 4), (4, 64, 8), (4, 32, 8), (8, 32, 8), (8, 16, 8)):
+    SWEEP_HEADS.append((f"heads_per_program={_h} block_n={_bn} warps={_w}", dict(num_splits=1, config=DecodeConfig(
+        block_n=_bn, num_warps=_w, num_stages=3, heads_per_program=_h))))  # fmt: skip
+SWEEP_HEADS.append(("default (again)", {}))
+
 TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
-SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH),
+          "heads_64x4096": (64, 4096, SWEEP_HEADS), "heads_256x1024": (256, 1024, SWEEP_HEADS)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
