@@ -60,7 +60,11 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # 1/16 to 1/4 of each context into 2-64 small "tail" splits launched after the big ones, so that they would
 # fill slots as programs finished (DecodeConfig.tail_splits, commit bfa4f05; decode_tail_h200.json): 0.82-1.00x
 # the default. At 64 x 4096 a 2-tile tail split runs ~10 us (the queue of a saturated HBM: ~4 us per
-# tile), and at 1 x 32k the tails start at once in the third slot of each SM. Removed again.
+# tile), and at 1 x 32k the tails start at once in the third slot of each SM. Removed again. Its third
+# sweep gave each program 2, 4 or 8 KV heads of one sequence (DecodeConfig.heads_per_program, batched dots,
+# commit 0a2054f; decode_heads_h200.json): they share the block ids, read 512 B-2 KB per token contiguously and
+# advance in lockstep. 0.47-0.91x the default at 64 x 4096 (256 programs or fewer), 0.64-0.99x at 256 x 1024.
+# Removed again.
 
 
 def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
@@ -80,16 +84,8 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
-# Session 8: several KV heads of one sequence per program (DecodeConfig.heads_per_program), unsplit launches.
-SWEEP_HEADS: list[tuple[str, dict[str, Any]]] = [("default", {})]
-for _h, _bn, _w in ((2, 64, 4), (2, 32, 4), (2, 64, 8), (4, 32, 4), (4, 64, 8), (4, 32, 8), (8, 32, 8), (8, 16, 8)):
-    SWEEP_HEADS.append((f"heads_per_program={_h} block_n={_bn} warps={_w}", dict(num_splits=1, config=DecodeConfig(
-        block_n=_bn, num_warps=_w, num_stages=3, heads_per_program=_h))))  # fmt: skip
-SWEEP_HEADS.append(("default (again)", {}))
-
 TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
-SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH),
-          "heads_64x4096": (64, 4096, SWEEP_HEADS), "heads_256x1024": (256, 1024, SWEEP_HEADS)}
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:

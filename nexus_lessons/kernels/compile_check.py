@@ -50,7 +50,7 @@ class _Recorder:
 
 def record(call: Callable[[], Any]) -> list[Launch]:
     """Run a launcher with the kernels swapped for recorders; return the launches it would make."""
-    names = {pa: ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_decode_heads_kernel", "_extend_kernel"],
+    names = {pa: ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_extend_kernel"],
              sk: ["_decode_streamk_kernel", "_streamk_merge_kernel"]}  # fmt: skip
     saved = {(mod, n): getattr(mod, n) for mod, ns in names.items() for n in ns}
     sink: list[Launch] = []

@@ -164,9 +164,6 @@ class DecodeConfig:
     schedule: str = "auto"
     programs_per_sm: int | None = None  # streamk: None = as many as fit (from the compiled kernel)
     maxnreg: int | None = None  # cap on registers per thread (ptxas): one more program per SM, a few spills
-    # KV heads of one sequence per program (unsplit launches only): they share each tile's block ids, read
-    # HEADS x 256 contiguous bytes per token, and advance in lockstep, so they finish together.
-    heads_per_program: int = 1
 
 
 @triton.jit
@@ -229,80 +226,6 @@ def _decode_range(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in place
         m_i = m_new
     return acc, m_i, l_i
-
-
-@triton.jit
-def _decode_heads(
-    q, table, k_base, v_base, end, qk_scale,
-    stride_btn, stride_kcb, stride_kct, stride_kch, stride_kcd, stride_vcb, stride_vct, stride_vch, stride_vcd,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """``_decode_range`` for HEADS KV heads of one sequence at once: q [HEADS, BLOCK_G, BLOCK_D], batched dots."""
-    offs_h = tl.arange(0, HEADS)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_i = tl.full([HEADS, BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([HEADS, BLOCK_G], tl.float32)
-    acc = tl.zeros([HEADS, BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(0, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        block = tl.load(table + (offs_n // PAGE_SIZE) * stride_btn, mask=n_mask, other=0).to(tl.int64)
-        in_block = offs_n % PAGE_SIZE
-        kv_mask = n_mask[None, :, None] & d_mask[None, None, :]
-        k = tl.load(k_base + offs_h[:, None, None] * stride_kch + (block * stride_kcb + in_block * stride_kct)[None, :, None]
-                    + offs_d[None, None, :] * stride_kcd, mask=kv_mask, other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * qk_scale  # [HEADS, BLOCK_G, BLOCK_N]
-        s = tl.where(n_mask[None, None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, 2)
-        v = tl.load(v_base + offs_h[:, None, None] * stride_vch + (block * stride_vcb + in_block * stride_vct)[None, :, None]
-                    + offs_d[None, None, :] * stride_vcd, mask=kv_mask, other=0.0)  # fmt: skip
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, :, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i
-
-
-@triton.jit
-def _decode_heads_kernel(
-    Q, KCache, VCache, BlockTables, ContextLens, Out, qk_scale,
-    stride_qb, stride_qh, stride_qd,
-    stride_kcb, stride_kct, stride_kch, stride_kcd,
-    stride_vcb, stride_vct, stride_vch, stride_vcd,
-    stride_btb, stride_btn,
-    stride_ob, stride_oh, stride_od,
-    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    """Program (b, group of HEADS KV heads): all their query heads over the whole context, output written."""
-    b = tl.program_id(0)
-    kv0 = tl.program_id(1) * HEADS
-    context_len = tl.load(ContextLens + b)
-    offs_h = tl.arange(0, HEADS)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = (kv0 + offs_h)[:, None] * GROUP + offs_g[None, :]  # [HEADS, BLOCK_G] query heads
-    mask = (offs_g < GROUP)[None, :, None] & (offs_d < HEAD_DIM)[None, None, :]
-    q = tl.load(Q + b * stride_qb + heads[:, :, None] * stride_qh + offs_d[None, None, :] * stride_qd, mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    acc, l_i = _decode_heads(
-        q, BlockTables + b.to(tl.int64) * stride_btb, KCache + kv0 * stride_kch, VCache + kv0 * stride_vch,
-        context_len, qk_scale, stride_btn, stride_kcb, stride_kct, stride_kch, stride_kcd,
-        stride_vcb, stride_vct, stride_vch, stride_vcd,
-        HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, UPCAST,
-    )  # fmt: skip
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]
-    tl.store(Out + b * stride_ob + heads[:, :, None] * stride_oh + offs_d[None, None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=mask)  # fmt: skip
 
 
 @triton.jit
@@ -719,20 +642,6 @@ def paged_decode_attention_triton(
     if batch == 0:
         return out
     direct = num_splits == 1
-    if cfg.heads_per_program != 1:
-        hpp = cfg.heads_per_program
-        if not direct or num_kv_heads % hpp or hpp & (hpp - 1):
-            raise ValueError(f"DecodeConfig.heads_per_program={hpp} needs one split and a power of two that "
-                             f"divides the {num_kv_heads} KV heads (got {num_splits} splits)")  # fmt: skip
-        _decode_heads_kernel[(batch, num_kv_heads // hpp)](
-            q, k_cache, v_cache, block_tables, context_lens.contiguous(), out, scale * LOG2E,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-            GROUP=group, HEADS=hpp, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            **launch_options(cfg),
-        )  # fmt: skip
-        return out
     fused = cfg.fused_merge is not False and not direct
     if cfg.pdl not in ("off", "end", "start"):
         raise ValueError(f"DecodeConfig.pdl must be 'off', 'end' or 'start', got {cfg.pdl!r}")
