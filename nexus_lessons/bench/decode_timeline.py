@@ -63,7 +63,7 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # tile), and at 1 x 32k the tails start at once in the third slot of each SM. Removed again. Its third
 # sweep gave each program 2, 4 or 8 KV heads of one sequence (DecodeConfig.heads_per_program, batched dots,
 # commit 0a2054f; decode_heads_h200.json): they share the block ids, read 512 B-2 KB per token contiguously and
-# advance in lockstep. 0.47-0.91x the default at 64 x 4096 (256 programs or fewer), 0.64-0.99x at 256 x 1024.
+# advance in lockstep. 0.46-0.91x the default at 64 x 4096 (256 programs or fewer), 0.53-0.99x at 256 x 1024.
 # Removed again.
 
 
