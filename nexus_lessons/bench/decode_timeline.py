@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import decode_guided as dg
 from ..kernels import paged_attention as pa
 from ..kernels.paged_attention import DecodeConfig
 from .common import copy_bandwidth_gbs, environment, save_json
@@ -65,7 +64,11 @@ TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
 # sweep gave each program 2, 4 or 8 KV heads of one sequence (DecodeConfig.heads_per_program, batched dots,
 # commit 0a2054f; decode_heads_h200.json): they share the block ids, read 512 B-2 KB per token contiguously and
 # advance in lockstep. 0.46-0.91x the default at 64 x 4096 (256 programs or fewer), 0.53-0.99x at 256 x 1024.
-# Removed again.
+# Removed again. Its fourth ran guided self-scheduling (kernels/decode_guided.py, commit aeeaf80;
+# decode_guided_h200.json): one wave of persistent programs claims pieces of every unit from a counter, all
+# first pieces (1/2, 3/4 or 7/8 of a context) before any second one, so the last pieces claimed are the
+# smallest; per-piece partials merged in piece order. 0.79-0.96x the default at 64 x 4096, 0.74-0.94x at
+# 256 x 1024, 0.70-0.85x at 1 x 32k (3 programs per SM, and each piece pays its start). Removed again.
 
 
 def _deep(block_n: int, warps: int, stages: int, **more: Any) -> DecodeConfig:
@@ -85,38 +88,8 @@ for _bn, _w, _st in ((32, 4, 3), (32, 4, 4), (32, 2, 4), (32, 1, 4), (16, 4, 6),
 SWEEP_BATCH.append(("block_n=32 warps=4 stages=4 prefetch evict_first", dict(
     num_splits=1, config=_deep(32, 4, 4, schedule="split", evict_first=True))))
 
-# Session 8: guided self-scheduling (kernels/decode_guided.py): one wave of persistent programs claims pieces,
-# every unit's first piece before any second one, so the last pieces claimed are the smallest.
-_HALVES = (0.5, 0.25, 0.125, 0.0625, 0.0625)
-
-
-def _guided(fractions: tuple[float, ...], **cfg: Any) -> dict[str, Any]:
-    return dict(fractions=fractions, config=DecodeConfig(**cfg))
-
-
-SWEEP_GUIDED_BATCH: list[tuple[str, dict[str, Any]]] = [
-    ("default", {}),
-    ("guided halves", _guided(_HALVES)),
-    ("guided 3/4 1/8 1/16 1/16", _guided((0.75, 0.125, 0.0625, 0.0625))),
-    ("guided 7/8 1/16 1/32 1/32", _guided((0.875, 0.0625, 0.03125, 0.03125))),
-    ("guided whole units", _guided((1.0,))),
-    ("guided halves, no id prefetch", _guided(_HALVES, prefetch_ids=False)),
-    ("guided halves, no id prefetch, maxnreg=128 (4 per SM)", _guided(_HALVES, prefetch_ids=False, maxnreg=128)),
-    ("guided halves, block_n=32 warps=2 no id prefetch", _guided(_HALVES, block_n=32, num_warps=2, prefetch_ids=False)),
-    ("default (again)", {}),
-]
-SWEEP_GUIDED_32K: list[tuple[str, dict[str, Any]]] = [
-    ("default", {}),
-    ("guided 32 x 1/40 + 16 x 1/80", _guided((1 / 40,) * 32 + (1 / 80,) * 16)),
-    ("guided 24 x 1/32 + 16 x 1/64", _guided((1 / 32,) * 24 + (1 / 64,) * 16)),
-    ("guided 48 x 1/64 + 32 x 1/128", _guided((1 / 64,) * 48 + (1 / 128,) * 32)),
-    ("default (again)", {}),
-]
-
 TABLE_RUNS = (1, 2, 4, 16, 64, 256, 2048, 16384)  # blocks per run; the whole table: identity order
-SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH),
-          "guided_64x4096": (64, 4096, SWEEP_GUIDED_BATCH), "guided_256x1024": (256, 1024, SWEEP_GUIDED_BATCH),
-          "guided_1x32768": (1, 32768, SWEEP_GUIDED_32K)}
+SWEEPS = {"1x32768": (1, 32768, SWEEP_32K), "64x4096": (64, 4096, SWEEP_BATCH), "256x1024": (256, 1024, SWEEP_BATCH)}
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -183,11 +156,10 @@ def sweep(copy_gbs: float, batch: int, context: int, variants: list[tuple[str, d
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
     for label, how in variants:
         seen = {k["name"] + str(k["n_regs"]) + str(k["shared"]) for k in compiled_kernels(pa._decode_split_kernel)}
-        launch = dg.paged_decode_attention_guided if "fractions" in how else pa.paged_decode_attention_triton
         try:
-            err = max_err(launch(*pargs, max_context_len=context, **how), want)
+            err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how), want)
             assert err <= 2e-2, f"max abs error {err}"
-            ms = time_graph(lambda how=how, launch=launch: launch(*pargs, max_context_len=context, **how))
+            ms = time_graph(lambda how=how: pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how))
             entry = dict(variant=label, ms=round(ms, 5), pct_copy=pct(ms), vs_sdpa=round(t_sdpa / ms, 3), max_abs_err=err)
             new = [k for k in compiled_kernels(pa._decode_split_kernel)
                    if k["name"] + str(k["n_regs"]) + str(k["shared"]) not in seen]  # fmt: skip
