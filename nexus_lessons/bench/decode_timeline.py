@@ -27,7 +27,18 @@ from ..kernels import paged_attention as pa
 from ..kernels.paged_attention import DecodeConfig
 from .common import copy_bandwidth_gbs, environment, save_json
 from .decode_waves import compiled_kernels
-from .paged_kernels import DTYPE, HKV, HQ, D, decode_bytes, max_err, paged_cache, sdpa_backends, time_graph
+from .paged_kernels import (
+    DTYPE,
+    HKV,
+    HQ,
+    D,
+    bandwidth_row,
+    decode_bytes,
+    max_err,
+    paged_cache,
+    sdpa_backends,
+    time_graph,
+)
 
 TRACE_CASES: list[tuple[str, int, int, dict[str, Any]]] = [
     ("1 x 32k, default plan", 1, 32768, {}),
@@ -97,11 +108,24 @@ def _quantiles(x: torch.Tensor) -> dict[str, float]:
     return {k: round(v, 2) for k, v in zip(("min", "p10", "p50", "p90", "max"), q.tolist())}
 
 
-def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_gbs: float) -> dict[str, Any]:
+def _case(batch: int, context: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any, torch.Tensor, int]:
+    """(paged and contiguous K/V, q, SDPA on the contiguous cache, its output [B, Hq, D], bytes one step reads)."""
     data = paged_cache([context] * batch, seed=batch + context)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+    q = torch.randn(batch, HQ, D, device=data["k_cache"].device, dtype=DTYPE)
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)
+
+    return data, q, sdpa, sdpa()[:, :, 0], decode_bytes(batch, context)
+
+
+def _pct(nbytes: int, ms: float, copy_gbs: float) -> float | None:
+    return bandwidth_row(ms, nbytes, copy_gbs)["pct_copy"]
+
+
+def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_gbs: float) -> dict[str, Any]:
+    data, q, _, want, nbytes = _case(batch, context)
     pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
-    nbytes = decode_bytes(batch, context)
 
     def call() -> torch.Tensor:
         return pa.paged_decode_attention_triton(*pargs, max_context_len=context, **how)
@@ -110,7 +134,6 @@ def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_g
     buf = torch.zeros(batch * HKV * pa.MAX_SPLITS, 4, device="cuda", dtype=torch.int64)
     pa.TRACE_BUFFER = buf
     try:
-        want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
         err = max_err(call(), want)
         assert err <= 2e-2, f"{label}: max abs error {err}"
         ms_traced = time_graph(call)
@@ -129,7 +152,7 @@ def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_g
     row = dict(
         label=label, batch=batch, context=context, programs=len(rows), max_abs_err=err,
         ms=round(ms_plain, 5), ms_traced=round(ms_traced, 5),
-        pct_copy=round(100 * nbytes / ms_plain / 1e6 / copy_gbs, 1),
+        pct_copy=_pct(nbytes, ms_plain, copy_gbs),
         timer_step_ns=int((ticks[1:] - ticks[:-1]).min()) if len(ticks) > 1 else None,
         span_us=round(float(end.max()), 2),
         start_us=_quantiles(start), loop_us=_quantiles(loop - start), loop_end_us=_quantiles(loop),
@@ -143,15 +166,12 @@ def trace_case(label: str, batch: int, context: int, how: dict[str, Any], copy_g
 
 
 def sweep(copy_gbs: float, batch: int, context: int, variants: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    data = paged_cache([context] * batch, seed=batch + context)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+    data, q, sdpa, want, nbytes = _case(batch, context)
     pargs = (q, data["k_cache"], data["v_cache"], data["block_tables"], data["context_lens"])
-    nbytes = decode_bytes(batch, context)
-    want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
-    t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
+    t_sdpa = time_graph(sdpa)
 
-    def pct(ms: float) -> float:
-        return round(100 * nbytes / ms / 1e6 / copy_gbs, 1)
+    def pct(ms: float) -> float | None:
+        return _pct(nbytes, ms, copy_gbs)
 
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5), sdpa_pct_copy=pct(t_sdpa), variants=[])
     for label, how in variants:
@@ -192,17 +212,13 @@ def pool_in_runs(data: dict[str, torch.Tensor], run: int, seed: int) -> tuple[to
 
 def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...]) -> dict[str, Any]:
     """The default kernel over pools shuffled at coarser and coarser grain: where does the shuffle cost?"""
-    data = paged_cache([context] * batch, seed=batch + context)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
-    nbytes = decode_bytes(batch, context)
-    want = F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True)[:, :, 0]
-    t_sdpa = time_graph(lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True))
+    data, q, sdpa, want, nbytes = _case(batch, context)
+    t_sdpa = time_graph(sdpa)
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
-                               sdpa_pct_copy=round(100 * nbytes / t_sdpa / 1e6 / copy_gbs, 1), runs=[])  # fmt: skip
+                               sdpa_pct_copy=_pct(nbytes, t_sdpa, copy_gbs), runs=[])  # fmt: skip
     out["sdpa_by_backend"] = sdpa_backends(
-        lambda: F.scaled_dot_product_attention(q[:, :, None], data["k"], data["v"], enable_gqa=True),
-        lambda o: max_err(o[:, :, 0], want),
-        lambda t: dict(ms=round(t, 5), pct_copy=round(100 * nbytes / t / 1e6 / copy_gbs, 1)))  # fmt: skip
+        sdpa, lambda o: max_err(o[:, :, 0], want), lambda t: dict(ms=round(t, 5), pct_copy=_pct(nbytes, t, copy_gbs))
+    )
     for run in runs:
         if data["block_tables"].numel() % run:
             continue
@@ -211,7 +227,7 @@ def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...
         err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context), want)
         assert err <= 2e-2, f"run {run}: max abs error {err}"
         ms = time_graph(lambda pargs=pargs: pa.paged_decode_attention_triton(*pargs, max_context_len=context))
-        entry = dict(run_blocks=run, ms=round(ms, 5), pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1),
+        entry = dict(run_blocks=run, ms=round(ms, 5), pct_copy=_pct(nbytes, ms, copy_gbs),
                      vs_sdpa=round(t_sdpa / ms, 3), max_abs_err=err)  # fmt: skip
         out["runs"].append(entry)
         print("  ", entry, flush=True)
