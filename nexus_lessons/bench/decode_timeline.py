@@ -28,6 +28,7 @@ from ..kernels.paged_attention import DecodeConfig
 from .common import copy_bandwidth_gbs, environment, save_json
 from .decode_waves import compiled_kernels
 from .paged_kernels import (
+    BLOCK,
     DTYPE,
     HKV,
     HQ,
@@ -235,6 +236,59 @@ def sweep_tables(copy_gbs: float, batch: int, context: int, runs: tuple[int, ...
     return out
 
 
+def sdpa_memory_as_pages(k: torch.Tensor, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's own contiguous [B, Hkv, S, D] tensor seen as a paged pool, and the block tables that read it.
+
+    Block (b, j) is tokens [16 j, 16 j + 16) of sequence b, so a program streams its sequence's K (or V) for
+    one KV head as one contiguous run, exactly the memory SDPA reads: kernel against kernel, layout fixed."""
+    per_seq = context // BLOCK
+    blocks = (batch - 1) * HKV * per_seq + per_seq
+    pool = torch.as_strided(k, (blocks, BLOCK, HKV, D), (BLOCK * D, D, context * D, 1))
+    ids = torch.arange(batch, device=k.device)[:, None] * (HKV * per_seq) + torch.arange(per_seq, device=k.device)
+    return pool, ids.to(torch.int32)
+
+
+def head_outer_pool(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in a pool stored [Hkv, blocks, 16, D] (one pool per KV head), viewed [blocks, 16, Hkv, D]."""
+    blocks, size, heads, dim = cache.shape
+    pool = torch.empty(heads, blocks, size, dim, device=cache.device, dtype=cache.dtype).permute(1, 2, 0, 3)
+    pool.copy_(cache)
+    return pool
+
+
+def sweep_layouts(copy_gbs: float, batch: int, context: int) -> dict[str, Any]:
+    """Is the gap to SDPA the kernel or the memory it reads? The default kernel over four layouts of the same
+    values, side by side with SDPA: the shuffled pool (the must-show), the pool in identity order, a
+    head-outer pool (shuffled), and SDPA's own contiguous tensors read through a block table."""
+    data, q, sdpa, want, nbytes = _case(batch, context)
+    t_sdpa = time_graph(sdpa)
+    out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
+                               sdpa_pct_copy=_pct(nbytes, t_sdpa, copy_gbs), layouts=[])  # fmt: skip
+    k_ident, v_ident, t_ident = pool_in_runs(data, data["block_tables"].numel(), seed=0)
+    k_sdpa, t_sdpa_mem = sdpa_memory_as_pages(data["k"], batch, context)
+    v_sdpa, _ = sdpa_memory_as_pages(data["v"], batch, context)
+    layouts = [
+        ("shuffled pool (must-show)", data["k_cache"], data["v_cache"], data["block_tables"]),
+        ("pool in identity order", k_ident, v_ident, t_ident),
+        ("head-outer pool, shuffled", head_outer_pool(data["k_cache"]), head_outer_pool(data["v_cache"]),
+         data["block_tables"]),
+        ("SDPA's contiguous tensors as pages", k_sdpa, v_sdpa, t_sdpa_mem),
+        ("shuffled pool (must-show), again", data["k_cache"], data["v_cache"], data["block_tables"]),
+    ]
+    for label, k, v, tables in layouts:
+        pargs = (q, k, v, tables, data["context_lens"])
+        err = max_err(pa.paged_decode_attention_triton(*pargs, max_context_len=context), want)
+        assert err <= 2e-2, f"{label}: max abs error {err}"
+        ms = time_graph(lambda pargs=pargs: pa.paged_decode_attention_triton(*pargs, max_context_len=context))
+        entry = dict(layout=label, ms=round(ms, 5), pct_copy=_pct(nbytes, ms, copy_gbs),
+                     vs_sdpa=round(t_sdpa / ms, 3), max_abs_err=err)  # fmt: skip
+        out["layouts"].append(entry)
+        print("  ", entry, flush=True)
+    t_again = time_graph(sdpa)
+    out["sdpa_ms_again"] = round(t_again, 5)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="course/results")
@@ -242,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-trace", action="store_true", help="only the sweep")
     ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}; '' for none")
     ap.add_argument("--tables", default="", help="pools shuffled in runs of blocks at these shapes ('1x32768,...')")
+    ap.add_argument("--layouts", default="", help="the default kernel over four layouts of the pool at these shapes")
     ap.add_argument("--traces", default="", help="only the trace cases whose label holds one of these (comma-separated)")
     args = ap.parse_args(argv)
     path = Path(args.out) / args.name
@@ -257,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in filter(None, args.tables.split(",")):
         batch, context, _ = SWEEPS[name]
         res[f"tables_{name}"] = sweep_tables(res["copy_gbs"], batch, context, TABLE_RUNS)
+        torch.cuda.empty_cache()
+        save_json(res, path)
+    for name in filter(None, args.layouts.split(",")):
+        batch, context, _ = SWEEPS[name]
+        res[f"layouts_{name}"] = sweep_layouts(res["copy_gbs"], batch, context)
         torch.cuda.empty_cache()
         save_json(res, path)
     for name in filter(None, args.sweeps.split(",")):
