@@ -12,6 +12,8 @@ and fewer programs), and what the merge adds after the last loop. Then ``--sweep
 tiles and warps at 1 x 32k and at the large batches against SDPA in the same run, with each newly
 compiled variant's registers and shared memory. ``--tables`` times the default kernel over pools shuffled
 in runs of 1 to all blocks (what a fragmented pool costs), with SDPA pinned to each of its backends.
+``--layouts`` times it over four layouts of the same values, one of them SDPA's own contiguous tensors read
+through a block table: is the gap to SDPA the kernel or the memory it reads?
 """
 
 from __future__ import annotations
