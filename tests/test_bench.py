@@ -64,3 +64,28 @@ def test_cli_writes_json_and_png_and_lists_scripts(model_dir, tmp_path, capsys):
 def test_gpu_script_says_it_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         cli.main(["gpu_decode"])
+
+
+def test_layout_views_read_the_same_values():
+    """decode_timeline --layouts: SDPA's own tensors seen as pages, and a head-outer pool, hold the same values.
+
+    The paged reference reads them here; the benchmark runs the Triton kernel over them on the GPU (and asserts)."""
+    from nexus_lessons.bench import decode_timeline as dt
+    from nexus_lessons.kernels.reference import paged_decode_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    batch, context, hkv, dim = 2, 48, 8, 128  # the helpers assume the benchmark's Hkv and D
+    k, v = (torch.randn(batch, hkv, context, dim, generator=g) for _ in range(2))
+    q = torch.randn(batch, 4 * hkv, dim, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].double(), k.double(), v.double(), enable_gqa=True
+    )[:, :, 0]
+    (k_pages, tables), (v_pages, _) = dt.sdpa_memory_as_pages(k, batch, context), dt.sdpa_memory_as_pages(v, batch, context)
+    assert k_pages.data_ptr() == k.data_ptr()  # a view of SDPA's tensor, not a copy
+    lens = torch.full((batch,), context, dtype=torch.int32)
+    got = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+    pool = k_pages[tables.flatten().long()].contiguous()  # the same values in a token-major pool
+    outer = dt.head_outer_pool(pool)
+    assert torch.equal(outer, pool) and outer.stride(2) == pool.shape[0] * pool.shape[1] * dim
