@@ -270,7 +270,8 @@ LAYOUT_CONFIGS: list[tuple[str, DecodeConfig]] = [
 def sweep_layouts(copy_gbs: float, batch: int, context: int) -> dict[str, Any]:
     """Is the gap to SDPA the kernel or the memory it reads? The default kernel over four layouts of the same
     values, side by side with SDPA: the shuffled pool (the must-show), the pool in identity order, a
-    head-outer pool (shuffled), and SDPA's own contiguous tensors read through a block table."""
+    head-outer pool (shuffled), and SDPA's own contiguous tensors read through a block table. At batch > 1 also
+    the programs of LAYOUT_CONFIGS over each."""
     data, q, sdpa, want, nbytes = _case(batch, context)
     t_sdpa = time_graph(sdpa)
     out: dict[str, Any] = dict(batch=batch, context=context, sdpa_ms=round(t_sdpa, 5),
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-trace", action="store_true", help="only the sweep")
     ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}; '' for none")
     ap.add_argument("--tables", default="", help="pools shuffled in runs of blocks at these shapes ('1x32768,...')")
-    ap.add_argument("--layouts", default="", help="the default kernel over four layouts of the pool at these shapes")
+    ap.add_argument("--layouts", default="", help="the kernel over four layouts of the same values at these shapes ('64x4096,...')")
     ap.add_argument("--traces", default="", help="only the trace cases whose label holds one of these (comma-separated)")
     args = ap.parse_args(argv)
     path = Path(args.out) / args.name
