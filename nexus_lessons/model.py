@@ -256,22 +256,23 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         *,
         cache=None,
-        attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab]. Without a cache: the full causal forward over `input_ids`.
 
         With a cache: `input_ids` are the new tokens only; the cache supplies everything before them.
-        `attention_mask` [B, T] marks real tokens (1) and left padding (0), as in transformers.
+        `attention_mask` [B, T] marks real tokens (1) and left padding (0); it is the second positional
+        argument, as in transformers' models, so `model(batch.input_ids, batch.attention_mask)` works.
         """
         x = self._residual_stream(input_ids, cache, attention_mask, position_ids)
         if self.gemv is not None:  # the final norm folded into the lm_head GEMV
             return self.gemv(x, self.lm_head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
         return self.lm_head(self.norm(x))
 
-    def hidden_states(self, input_ids, *, cache=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask=None, *, cache=None, position_ids=None) -> torch.Tensor:
         """The final normalised hidden states [B, T, hidden] (what draft heads in later lessons read)."""
         return self.norm(self._residual_stream(input_ids, cache, attention_mask, position_ids))
 

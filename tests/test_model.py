@@ -24,8 +24,8 @@ def test_logits_match_transformers_with_left_padding(hf_and_ours):
     hf, ours = hf_and_ours
     ids, mask = nl.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]])
     with torch.no_grad():
-        ref = hf(ids, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask)
+        ref = hf(ids, mask).logits  # the mask is the second positional argument in both
+        got = ours(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
 
