@@ -8,7 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# Fields a config.json must give: nothing sensible can default them.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -36,6 +40,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; use one of {SUPPORTED_MODEL_TYPES}")
+        for name in (*REQUIRED_FIELDS, "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name} must be a positive int, got {value!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is not given")
@@ -63,9 +71,13 @@ class ModelConfig:
 
     # --- transformers interop -------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
-        """Map a transformers config (v4 or v5) onto ours."""
+    def from_hf(cls, hf_config: Any, source: str = "the model config") -> "ModelConfig":
+        """Map a transformers config (v4 or v5) onto ours. `source` names it in errors (load() gives the file)."""
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+        missing = [name for name in REQUIRED_FIELDS if d.get(name) is None]
+        if missing:
+            raise ValueError(f"{source} has no {', '.join(missing)}: a Llama / Qwen2 / Mistral config needs "
+                             f"{', '.join(REQUIRED_FIELDS)}")
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported; use one of {SUPPORTED_MODEL_TYPES}")
@@ -127,17 +139,22 @@ class ModelConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> "ModelConfig":
-        return cls.from_hf(json.loads((Path(folder) / "config.json").read_text()))
+        path = Path(folder) / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds a {type(d).__name__}, not a JSON object of config fields")
+        return cls.from_hf(d, source=str(path))
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """KV-cache bytes one token costs: layers x (K and V) x kv heads x head_dim x bytes."""
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * bytes_per_element
 
 
-def llama3_inv_freq(inv_freq: "Any", scaling: dict[str, Any]) -> "Any":
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
     """Llama 3.x frequency smoothing: long wavelengths slowed by `factor`, short kept, a ramp between."""
-    import torch
-
     factor = scaling["factor"]
     low = scaling.get("low_freq_factor", 1.0)
     high = scaling.get("high_freq_factor", 4.0)
@@ -149,3 +166,40 @@ def llama3_inv_freq(inv_freq: "Any", scaling: dict[str, Any]) -> "Any":
     mid = (1 - smooth) * scaled / factor + smooth * scaled
     is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_mid, mid, scaled)
+
+
+# --- where and in what precision: given as torch objects or by name -----------------------------------
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch.dtype, also from its name: `load_model(dtype="bfloat16")` is how people write it."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(map(repr, DTYPE_NAMES))} or a torch.dtype")
+    raise TypeError(f"dtype must be a floating torch.dtype or one of {', '.join(map(repr, DTYPE_NAMES))}; "
+                    f"got {dtype!r}")
+
+
+def as_device(device: torch.device | str | int | None) -> torch.device | None:
+    """A torch.device that exists on this machine: asking for CUDA without a GPU fails here, by name,
+    instead of deep inside torch when the first tensor moves."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+            raise ValueError(f"device {device!r} asked for, but no CUDA device is available{build}: use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+    return dev

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, as_device, as_dtype
 from .model import Transformer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -87,20 +87,29 @@ def load_model(
     name_or_path: str | Path = "nexus-tiny",
     *,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     tokenizer: bool = True,
 ) -> tuple[Transformer, Any]:
-    """(model, tokenizer) from a shipped name ("nexus-tiny", "nexus-tiny-draft") or a local HF folder."""
+    """(model, tokenizer) from a shipped name ("nexus-tiny", "nexus-tiny-draft") or a local HF folder.
+
+    `dtype` is a torch.dtype or its name ("float32", the default, "bfloat16", "float16").
+    """
+    device, dtype = as_device(device), as_dtype(dtype) or torch.float32
     folder = resolve_model_path(name_or_path)
     config = ModelConfig.load(folder)
-    state = _read_safetensors(folder)
-    dtype = dtype or torch.float32
-    model = _load_weights(Transformer(config), state).to(device=device, dtype=dtype).eval()
     tok = None
-    if tokenizer:
+    if tokenizer:  # one larger than the vocabulary would fail only at its first id past it: refuse it now
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
+        if len(tok) > config.vocab_size:
+            raise ValueError(
+                f"the tokenizer in {folder} has {len(tok)} tokens but the model's vocab_size is "
+                f"{config.vocab_size} ({folder / 'config.json'}): ids from {config.vocab_size} on have no "
+                "embedding; use the tokenizer the weights were trained with"
+            )
+    state = _read_safetensors(folder)
+    model = _load_weights(Transformer(config), state).to(device=device, dtype=dtype).eval()
     return model, tok
 
 
