@@ -31,25 +31,38 @@ def left_pad(prompts: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad_toke
     return ids.to(device), mask.to(device)
 
 
-def _as_batch(model, input_ids, attention_mask, pad_token_id):
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq] or [seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError("empty prompt: input_ids has no tokens")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError("attention_mask must have the shape of input_ids")
-        if attention_mask is not None and not bool(attention_mask.any(dim=1).all()):
-            raise ValueError("empty prompt: a row of attention_mask has no real token")
-        return input_ids, attention_mask
+def _as_batch(model, input_ids, attention_mask, pad_token_id, max_new_tokens: int = 0):
+    """The prompt as (input_ids [B, T], attention_mask or None), checked once per call: the ids against
+    the vocabulary (read back even from a GPU, where the forward does not look) and the longest row plus
+    `max_new_tokens` against max_position_embeddings, before anything runs."""
     if isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], int):
-        return left_pad(input_ids, pad_token_id, model.device)
-    if isinstance(input_ids, (list, tuple)):
-        return _as_batch(model, torch.tensor(input_ids, dtype=torch.long, device=model.device), attention_mask, pad_token_id)
-    raise TypeError(f"input_ids must be a LongTensor or a list of token-id lists, got {type(input_ids).__name__}")
+        input_ids, attention_mask = left_pad(input_ids, pad_token_id, model.device)
+    elif isinstance(input_ids, (list, tuple)):
+        input_ids = torch.tensor(input_ids, dtype=torch.long, device=model.device)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor or a list of token-id lists, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq] or [seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError("empty prompt: input_ids has no tokens")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must have the shape of input_ids")
+    model._check_input(input_ids, attention_mask, read_ids=False)
+    longest = input_ids.shape[1]
+    if attention_mask is not None:
+        real = attention_mask.bool().sum(1)
+        if not bool((real > 0).all()):
+            raise ValueError("empty prompt: a row of attention_mask has no real token")
+        longest = int(real.max())
+    limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens}"
+                         f" is past the model's max_position_embeddings ({limit})")
+    model._check_token_ids(input_ids)
+    return input_ids, attention_mask
 
 
 def make_cache(kind: str, model, batch_size: int, max_seq_len: int, block_size: int = 16):
@@ -94,9 +107,10 @@ def generate(
     validate_sampling(temperature, top_k, top_p)
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    input_ids, attention_mask = _as_batch(model, input_ids, attention_mask, pad)
-    if input_ids.device != model.device:
-        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}")
+    if not 0 <= pad < model.config.vocab_size:
+        given = "pad_token_id" if pad_token_id is not None else "pad_token_id (by default the first eos_token_id)"
+        raise ValueError(f"{given} {pad} is outside the model's vocabulary (0..{model.config.vocab_size - 1})")
+    input_ids, attention_mask = _as_batch(model, input_ids, attention_mask, pad, max_new_tokens)
     B, T = input_ids.shape
     if max_new_tokens == 0:
         return input_ids.clone()
@@ -111,6 +125,10 @@ def generate(
                 f"exceed the cache's max_seq_len {capacity}"
             )
         cache.reset()
+        check_capacity = getattr(cache, "check_capacity", None)  # a paged pool: the whole request must fit
+        if check_capacity is not None:
+            real = [T] * B if attention_mask is None else attention_mask.bool().sum(1).tolist()
+            check_capacity([n + max_new_tokens - 1 for n in real])  # the last new token is never fed back
 
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_mask, sdpa
+from .config import as_device, as_dtype
 
 
 class CacheFullError(RuntimeError):
@@ -102,14 +103,14 @@ class KVCache(_ContiguousCache):
         num_heads: int,
         head_dim: int,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         _check_positive(num_layers=num_layers, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         num_heads=num_heads, head_dim=head_dim)
         self.num_layers, self.max_batch_size, self.max_seq_len = num_layers, max_batch_size, max_seq_len
         self.num_heads, self.head_dim = num_heads, head_dim
-        dtype = dtype or torch.get_default_dtype()
+        dtype, device = as_dtype(dtype) or torch.get_default_dtype(), as_device(device)
         shape = (num_layers, max_batch_size, num_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

@@ -282,6 +282,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         mask = None
         if cache is not None:
+            self._check_cache(cache)
             positions = cache.begin_forward(input_ids, attention_mask)
         elif attention_mask is not None and not bool(attention_mask.all()):
             valid = attention_mask.bool()
@@ -291,14 +292,18 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if position_ids is not None:
             positions = position_ids
-        self._check_window(positions)
+        self._check_positions(positions)
         cos, sin = self.rotary(positions, self.dtype)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         return x
 
-    def _check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                     read_ids: bool | None = None) -> None:
+        """What the host knows about the input, checked every forward; the ids' values too where reading
+        them is free (`read_ids`, default: not on a GPU, where it would stall every decode step: there
+        generate() reads them once per call)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a 2-D LongTensor [batch, seq], got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
@@ -309,10 +314,46 @@ class Transformer(nn.Module):
             raise ValueError("input_ids is empty: give at least one token")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        limit = self.config.max_position_embeddings
+        if attention_mask is None and input_ids.shape[1] > limit:
+            raise ValueError(f"{input_ids.shape[1]} tokens are past the model's max_position_embeddings ({limit})")
+        if read_ids is None:
+            read_ids = input_ids.device.type != "cuda" and not torch.compiler.is_compiling()
+        if read_ids:
+            self._check_token_ids(input_ids)
 
-    def _check_window(self, positions: torch.Tensor) -> None:
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Every id must index the embedding table (reads the smallest and largest back to the host)."""
+        lo, hi = (int(x) for x in torch.aminmax(input_ids))
+        V = self.config.vocab_size
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary (0..{V - 1}): "
+                             "were the ids made by another model's tokenizer?")
+
+    def _check_cache(self, cache) -> None:
+        """A cache built for another model's shape fails here, naming both, before it reserves anything."""
+        c = self.config
+        layers = getattr(cache, "num_layers", None)
+        if layers is not None and layers < c.num_hidden_layers:
+            raise ValueError(f"the cache is built for {layers} layers but the model has {c.num_hidden_layers}: "
+                             f"build it with {type(cache).__name__}.for_model(model, ...)")
+        for name, ours, what in (("num_heads", c.num_key_value_heads, "{} KV heads"), ("head_dim", c.head_dim, "head_dim {}")):
+            theirs = getattr(cache, name, None)
+            if theirs is not None and theirs != ours:
+                raise ValueError(f"the cache is built for {what.format(theirs)} but the model has {what.format(ours)}: "
+                                 f"build it with {type(cache).__name__}.for_model(model, ...)")
+
+    def _check_positions(self, positions: torch.Tensor) -> None:
+        """RoPE positions past max_position_embeddings (or Mistral's window). Reading the largest back is a
+        host sync on a GPU, so there it is checked only for a window; generate() checks lengths up front."""
         w = self.config.sliding_window
-        if w is not None and positions.numel() and int(positions.max()) >= w:
+        if torch.compiler.is_compiling() or (positions.device.type == "cuda" and w is None):
+            return
+        n = int(positions.max()) + 1  # the sequence reaches this many tokens
+        limit = self.config.max_position_embeddings
+        if n > limit:
+            raise ValueError(f"the sequence reaches {n} tokens, past the model's max_position_embeddings ({limit})")
+        if w is not None and n > w:
             raise NotImplementedError(f"sequence longer than the sliding window ({w} tokens) is not supported")
 
 

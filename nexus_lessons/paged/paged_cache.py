@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import as_device, as_dtype
 from ..kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from ..kv_cache import _check_positive
 from .block_allocator import BlockAllocator, OutOfBlocksError
@@ -76,14 +77,14 @@ class PagedKVCache:
         block_size: int,
         num_blocks: int,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         _check_positive(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
                         block_size=block_size, num_blocks=num_blocks)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
-        dtype = dtype or torch.get_default_dtype()
+        dtype, device = as_dtype(dtype) or torch.get_default_dtype(), as_device(device)
         shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # self.k[layer]: one layer's pool
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -160,6 +161,17 @@ class PagedKVCache:
         forward that feeds this sequence new tokens writes into reserved slots first.
         """
         return self.tables.append_slots(seq_id, n)
+
+    def check_capacity(self, num_tokens: Seq[int]) -> None:
+        """Raise OutOfBlocksError unless new sequences of these lengths fit in the free blocks together.
+
+        `generate` calls it before the first forward, so a request the pool cannot finish fails before
+        it starts, not halfway with its tokens lost.
+        """
+        needed = sum(-(-int(n) // self.block_size) for n in num_tokens)
+        if needed > self.num_free_blocks:
+            what = f"{len(num_tokens)} sequence(s) of up to {max(num_tokens)} tokens in blocks of {self.block_size}"
+            raise OutOfBlocksError(needed, self.num_free_blocks, self.num_blocks, what)
 
     def can_append(self, appends: dict[int, int]) -> bool:
         """Whether reserving `{seq_id: n}` slots would fit in the free blocks (copy-on-write included)."""
