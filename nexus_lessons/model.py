@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .attention import attention_mask, sdpa
 from .config import ModelConfig, llama3_inv_freq
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
