@@ -101,3 +101,21 @@ def test_decode_sweep_quick_runs_and_plots(tmp_path):
     gpu.write_text(json.dumps({**data, "read_gbps": 3000.0, "datasheet_gbps": 3350.0, "device": "NVIDIA H100"}))
     ax = plot_decode_sweep(gpu)
     assert len(ax.get_lines()) == len(SIDES) + 1 and ax.get_ylabel() == "% of read bandwidth"  # + the 100% line
+
+
+def test_paged_kernels_smoke_runs(tmp_path):
+    """paged_kernels --smoke: paging, waves and extend on tiny shapes on the CPU (the interpreter), every
+    side checked before it is timed; the JSON has the sections the lesson reads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nexus_lessons.bench", "paged_kernels", "--smoke", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "paged_kernels.json").read_text())
+    assert data["smoke"] and {"device", "torch", "date", "command", "read_gbps"} <= set(data)
+    assert {"shuffled", "in_order", "sdpa"} <= set(data["paging"][0])
+    assert [w["auto_schedule"] for w in data["waves"]] == ["split", "streamk"]  # spread lengths take stream-K
+    assert {"ours_graph", "ours_eager", "sdpa_graph", "sdpa_eager"} <= set(data["extend"][0])
