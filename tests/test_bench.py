@@ -66,6 +66,19 @@ def test_gpu_script_says_it_needs_a_gpu():
         cli.main(["gpu_decode"])
 
 
+def test_gpu_decode_smoke_runs(tmp_path):
+    """gpu_decode --smoke: a tiny Llama on the CPU; every decoder's float32 tokens equal transformers', and
+    the eager pair is timed at one length (the GPU run adds the compiled pair)."""
+    from nexus_lessons.bench import gpu_decode
+
+    res = gpu_decode.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_decode.json").read_text())
+    assert saved["smoke"] and all(saved["check_float32"].values()) and len(saved["check_float32"]) == 4
+    eager = saved["headline"]["eager"]
+    assert eager["speedup"] > 0 and {eager["baseline"], eager["ours"]} <= set(saved["rows"])
+    assert {r["new_tokens"] for r in res["rows"].values()} == {saved["eager_new_tokens"]}
+
+
 def test_decode_sweep_quick_runs_and_plots(tmp_path):
     """decode_sweep --quick: tiny shapes on the CPU (our kernel under the Triton interpreter, SDPA, Flex
     uncompiled), every shape asserted equal to SDPA before timing; the JSON has the schema the lesson
