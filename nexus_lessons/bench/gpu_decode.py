@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="course/results", help="folder for gpu_decode.json")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens per compiled / graphed generate call")
-    ap.add_argument("--eager-new-tokens", type=int, default=64, help="tokens per eager generate call (slow)")
+    ap.add_argument("--eager-new-tokens", type=int, default=32, help="tokens per eager generate call (slow)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, eager rows only: checks the script")
     args = ap.parse_args(argv)
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["weight_bytes"] = weight_bytes
     results["bound_tokens_per_s"] = None if read_gbps is None else read_gbps * 1e9 / weight_bytes
     rows: dict[str, dict] = {}
+    results["rows"] = rows
+    path = Path(args.out) / "gpu_decode.json"
     ne, nc = args.eager_new_tokens, args.new_tokens
 
     def hf_call(n: int, **kw) -> Callable[[], Any]:
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the run
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(name, rows[name], flush=True)
+        save_json(results, path)  # a time-out still leaves what was measured
 
     timed("transformers generate, dynamic cache, eager", hf_call(ne), ne)
     timed("transformers generate, static cache, eager", hf_call(ne, cache_implementation="static", disable_compile=True), ne)
@@ -201,10 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as exc:  # noqa: BLE001
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(name, rows[name], flush=True)
+        save_json(results, path)
     for row in rows.values():
         if "tokens_per_s" in row and results["bound_tokens_per_s"]:
             row["fraction_of_read_bound"] = row["tokens_per_s"] / results["bound_tokens_per_s"]
-    results["rows"] = rows
 
     def ratio(pair: tuple[str, str]) -> dict:
         a, b = (rows.get(k, {}).get("tokens_per_s") for k in pair)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["headline"] = {"eager": ratio(HEADLINE_EAGER), "compiled": ratio(HEADLINE_COMPILED),
                            "compiled_without_our_kernels": ratio(HEADLINE_COMPILED_NO_KERNELS)}  # fmt: skip
     results["elapsed_s"] = round(time.perf_counter() - t0)
-    path = save_json(results, Path(args.out) / "gpu_decode.json")
+    save_json(results, path)
     bound = results["bound_tokens_per_s"]
     print(f"\nread {read_gbps} GB/s; weights {weight_bytes / 1e9:.3f} GB; bound {bound} tokens/s")
     for name, row in rows.items():
