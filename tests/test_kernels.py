@@ -392,6 +392,7 @@ def test_choose_num_splits_and_plan(monkeypatch):
     # H100/H200: 132 SMs, Hkv 8. Batch 1 x 32k must spread over the GPU; big batches need no split.
     assert decode.choose_num_splits(1, 8, 32768, 132) == 32  # 33 wanted at 2 per SM: 16 tiles each
     assert decode.choose_num_splits(1, 8, 32768, 132, programs_per_sm=4) == 64  # 66 wanted: 8 tiles each
+    assert decode.choose_num_splits(16, 8, 4096, 132) == 2  # 3 would be 384 programs on 264 slots: 2 waves
     assert decode.choose_num_splits(256, 8, 1024, 132) == 1
     assert decode.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs already: >= 2 per SM
     assert decode.choose_num_splits(1, 8, 100, 132) == 1  # too short to be worth splitting

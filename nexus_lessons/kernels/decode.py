@@ -309,14 +309,16 @@ def choose_num_splits(
 
     ``B * Hkv`` programs exist without splitting. With at least 2 per SM already there is no split: the
     partial writes and the merge cost more than the last wave's idle SMs (H200, 64 x 4096 with 8 KV
-    heads = 512 programs: 101.5% of copy bandwidth unsplit, 99.5% with 2 splits). Below that, aim for
-    ``programs_per_sm`` programs per SM, but never give a split fewer than MIN_TOKENS_PER_SPLIT tokens,
-    and cap at MAX_SPLITS. Batch 1 x 32k with 8 KV heads on 132 SMs: 32 splits of 1024 tokens.
+    heads = 512 programs: 101.5% of copy bandwidth unsplit, 99.5% with 2 splits). Below that, fill one
+    wave of ``programs_per_sm`` programs per SM and no more (a grid within one wave is where the split
+    kernel is at its best, see ``choose_schedule``), but never give a split fewer than
+    MIN_TOKENS_PER_SPLIT tokens, and cap at MAX_SPLITS. Batch 1 x 32k with 8 KV heads on 132 SMs: 32
+    splits of 1024 tokens; 16 x 4096: 2 splits (256 programs on 264 slots).
     """
     programs = batch * num_kv_heads
     if programs >= 2 * sms:
         return 1
-    wanted = math.ceil(programs_per_sm * sms / max(programs, 1))
+    wanted = max(1, programs_per_sm * sms // max(programs, 1))
     by_length = math.ceil(max_context_len / max(MIN_TOKENS_PER_SPLIT, block_n))
     splits = max(1, min(wanted, by_length, MAX_SPLITS))
     # Whole tiles per split, and no split left empty by the rounding (33 wanted -> 32 x 16 tiles).
@@ -429,21 +431,20 @@ def plan_decode(
     """The launch plan, from what the host already knows (shapes, dtypes, the caller's bounds).
 
     Without ``max_context_len`` the block table's width bounds the lengths. The split count depends on
-    that bound only through its number of tiles, so the cache key holds the tile count: a context that
-    grows by one token per step reuses the plan for a whole tile's worth of steps.
+    that bound only through its number of tiles (of 16, 32 or 64 tokens), so the cache key holds the
+    bound in 16-token units: a context that grows by one token per step reuses the plan for 16 steps.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    cfg = config or default_decode_config(q.dtype, head_dim, q.device, batch * num_kv_heads)
-    table_tokens = block_tables.shape[1] * page
-    bound = table_tokens if max_context_len is None else max_context_len
+    bound = block_tables.shape[1] * page if max_context_len is None else max_context_len
     spread = bool(mean_context_len) and max_context_len is not None and max_context_len > MIXED_SPREAD * mean_context_len
-    key = (q.dtype, q.device, batch, num_heads, head_dim, num_kv_heads, page, -(-bound // cfg.block_n),
-           max_context_len is not None, spread, num_splits, cfg)  # fmt: skip
+    key = (q.dtype, q.device, batch, num_heads, head_dim, num_kv_heads, page, -(-bound // 16),
+           max_context_len is not None, spread, num_splits, config)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
+        cfg = config or default_decode_config(q.dtype, head_dim, q.device, batch * num_kv_heads)
         plan = _PLANS[key] = _make_plan(q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_splits,
                                         max_context_len is not None, spread)  # fmt: skip
     return plan

@@ -438,8 +438,9 @@ def paged_prefill_attention(
             k_new=k_new, v_new=v_new,
         )  # fmt: skip
     _check_triton_head_dim(q)
+    launch = _triton_module.paged_prefill_attention_triton
+    args = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask)
+    if q.device.type == "cuda":
+        return launch(*args, k_new=k_new, v_new=v_new, max_query_len=max_query_len)
     with _interpreter_env(q.device):
-        return _triton_module.paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
-            k_new=k_new, v_new=v_new, max_query_len=max_query_len,
-        )  # fmt: skip
+        return launch(*args, k_new=k_new, v_new=v_new, max_query_len=max_query_len)
