@@ -59,8 +59,8 @@ class GraphKVCache(KVCache):
 
     def __init__(self, *args, attention: str = "sdpa", fused_rope: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if attention not in ("sdpa", "reduce", "paged"):
-            raise ValueError(f"attention must be 'sdpa', 'reduce' or 'paged', got {attention!r}")
+        if attention not in ("sdpa", "paged"):
+            raise ValueError(f"attention must be 'sdpa' or 'paged', got {attention!r}")
         if fused_rope and attention != "paged":
             raise ValueError("fused_rope writes the paged layout: it needs attention='paged'")
         self.attention = attention
@@ -138,17 +138,8 @@ class GraphKVCache(KVCache):
             k_all, v_all = k_all[:B], v_all[:B]
         k_all.index_copy_(2, self.slot, k)
         v_all.index_copy_(2, self.slot, v)
-        if self.attention == "sdpa":
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
-        # One query token per row: attention is two reductions (q.k over D, p.v over S), written as
-        # multiply-and-sum so the compiler emits small fused reduction kernels, float32 inside.
-        Hkv, D = k_all.shape[1], q.shape[-1]
-        qg = q.reshape(B, Hkv, -1, 1, D).float()  # [B, Hkv, group, 1, D]
-        scores = (qg * k_all[:, :, None].float()).sum(-1) * D**-0.5  # [B, Hkv, group, S]
-        p = torch.softmax(scores.masked_fill(~self._mask, float("-inf")), dim=-1)
-        out = (p[..., None] * v_all[:, :, None].float()).sum(-2)  # [B, Hkv, group, D]
-        return out.to(q.dtype).reshape(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def _attend_paged(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.k_pages[layer].index_copy_(0, self._flat, k[:, :, 0])

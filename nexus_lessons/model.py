@@ -14,8 +14,6 @@ it itself, in the kernel that stores K/V (`cuda_graph.GraphKVCache(fused_rope=Tr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,19 +21,14 @@ import torch.nn.functional as F
 from .attention import attention_mask, sdpa
 from .config import ModelConfig, llama3_inv_freq
 
-GEMV_SITES = ("attention", "mlp", "lm_head")  # qkv + o_proj, gate_up + down, norm + lm_head: Transformer.fuse_projections
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = None  # optional one-kernel version (kernels.norm.rms_norm), set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            return self.kernel(x, self.weight, self.eps)
         # Normalise in float32 like transformers does, then cast back: bf16 variance is too coarse.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -121,14 +114,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         object.__setattr__(self, "gate_up_proj", None)  # set by Transformer.fuse_projections()
-        self.act_fn = None  # optional fused silu(gate) * up over the gate_up output (kernels.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            if self.act_fn is not None:
-                return self.down_proj(self.act_fn(gate_up))
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -141,8 +130,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gemv = None  # kernels.gemv.fused_linear, set by fuse_projections(fused_gemv=...)
-        self.gemv_sites: set[str] = set()  # which of GEMV_SITES use it
+        self.gemv = None  # kernels.gemv.fused_linear, set by fuse_projections(fused_gemv=True)
 
     def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
         if self.gemv is not None:
@@ -154,16 +142,11 @@ class DecoderLayer(nn.Module):
         """The same layer with its projections as fused GEMVs (one kernel each at batch 1, the unfused ops
         otherwise): norm -> qkv, o_proj + residual | norm -> gate_up, silu_and_mul -> down + residual."""
         attn, mlp, n1, n2, f = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm, self.gemv
-        if "attention" in self.gemv_sites:
-            qkv = f(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
-            out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, cache, mask)
-            x = f(out, attn.o_proj.weight, residual=x)
-        else:
-            x = x + attn(n1(x), cos, sin, cache, mask)
-        if "mlp" in self.gemv_sites:
-            gate_up = f(x, mlp.gate_up_proj.weight, norm_weight=n2.weight, eps=n2.eps)
-            return f(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
-        return x + mlp(n2(x))
+        qkv = f(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+        out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, cache, mask)
+        x = f(out, attn.o_proj.weight, residual=x)
+        gate_up = f(x, mlp.gate_up_proj.weight, norm_weight=n2.weight, eps=n2.eps)
+        return f(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
 
 
 class Transformer(nn.Module):
@@ -186,62 +169,37 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.no_grad()
-    def fuse_projections(
-        self, fused_activation: bool = False, fused_norm: bool = False, fused_gemv: bool | Iterable[str] = False
-    ) -> "Transformer":
+    def fuse_projections(self, fused_gemv: bool = False) -> "Transformer":
         """One matmul for q/k/v and one for gate/up per layer, as vLLM does.
 
         At batch 1 each projection is a matrix-vector product that lasts a few microseconds, so fewer,
         larger ones waste less time in launches and tails. The fused weight becomes the storage and the
         separate q/k/v (gate/up) weights become views into it: no extra memory, same state_dict.
-        `fused_activation` also computes silu(gate) * up in one kernel (`kernels.activation`), and
-        `fused_norm` every RMSNorm (`kernels.norm`): under torch.compile they stop the compiler from
-        inlining them into the matrix-vector products that follow, where they would be recomputed per row.
         `fused_gemv` runs each layer as four matrix-vector kernels with the norms, the activation and
         the residual adds folded in (`kernels.gemv`; batch <= 4 rows, the unfused ops otherwise), and
-        the final norm + lm_head as one more; a subset of GEMV_SITES ("attention": qkv + o_proj,
-        "mlp": gate_up + down, "lm_head") uses it there only.
+        the final norm + lm_head as one more.
         """
-        from .kernels import activation, gemv, norm
+        from .kernels import gemv
 
-        on_gpu = self.device.type == "cuda"
-        act_fn = norm_fn = None
-        if fused_activation:
-            act_fn = activation.silu_and_mul
-            if on_gpu:
-                activation.build()
-        if fused_norm:
-            norm_fn = norm.rms_norm
-            if on_gpu:
-                norm.build()
-        sites = set(GEMV_SITES if fused_gemv is True else (fused_gemv or ()))
-        if sites - set(GEMV_SITES):
-            raise ValueError(f"unknown GEMV sites {sorted(sites - set(GEMV_SITES))}; choose from {GEMV_SITES}")
-        if sites and on_gpu:
+        if fused_gemv and self.device.type == "cuda":
             gemv.build()
-        for rms in [self.norm, *(n for layer in self.layers for n in (layer.input_layernorm,
-                                                                         layer.post_attention_layernorm))]:
-            rms.kernel = norm_fn
         for layer in self.layers:
-            layer.mlp.act_fn = act_fn
             attn, mlp = layer.self_attn, layer.mlp
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             # Plain attributes, not submodules: the state_dict keeps transformers' names.
             object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
             attn.qkv_sizes = [p.out_features for p in parts]
             object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
-            layer.gemv, layer.gemv_sites = (gemv.fused_linear if sites else None), sites
-        self.gemv = gemv.fused_linear if "lm_head" in sites else None
+            layer.gemv = gemv.fused_linear if fused_gemv else None
+        self.gemv = gemv.fused_linear if fused_gemv else None
         return self
 
     def unfuse_projections(self) -> "Transformer":
         for layer in self.layers:
             object.__setattr__(layer.self_attn, "qkv_proj", None)
             object.__setattr__(layer.mlp, "gate_up_proj", None)
-            layer.mlp.act_fn = None
-            layer.gemv, layer.gemv_sites = None, set()
-            layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = None
-        self.norm.kernel, self.gemv = None, None
+            layer.gemv = None
+        self.gemv = None
         return self
 
     def _apply(self, fn, recurse=True):

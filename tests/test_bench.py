@@ -57,7 +57,7 @@ def test_cli_writes_json_and_png_and_lists_scripts(model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["results"][1]["technique"] == "kv_cache"
     assert (tmp_path / "out.png").exists()
     assert "kv_cache" in capsys.readouterr().out
-    assert {"gpu_decode", "paged_kernels"} <= set(cli.scripts())
+    assert {"decode_sweep", "gpu_decode", "paged_kernels"} <= set(cli.scripts())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")
@@ -66,26 +66,69 @@ def test_gpu_script_says_it_needs_a_gpu():
         cli.main(["gpu_decode"])
 
 
-def test_layout_views_read_the_same_values():
-    """decode_timeline --layouts: SDPA's own tensors seen as pages, and a head-outer pool, hold the same values.
+def test_gpu_decode_smoke_runs(tmp_path):
+    """gpu_decode --smoke: a tiny Llama on the CPU; every decoder's float32 tokens equal transformers', and
+    the eager pair is timed at one length (the GPU run adds the compiled pair)."""
+    from nexus_lessons.bench import gpu_decode
 
-    The paged reference reads them here; the benchmark runs the Triton kernel over them on the GPU (and asserts)."""
-    from nexus_lessons.bench import decode_timeline as dt
-    from nexus_lessons.kernels.reference import paged_decode_attention_ref
+    res = gpu_decode.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_decode.json").read_text())
+    assert saved["smoke"] and all(saved["check_float32"].values()) and len(saved["check_float32"]) == 4
+    eager = saved["headline"]["eager"]
+    assert eager["speedup"] > 0 and {eager["baseline"], eager["ours"]} <= set(saved["rows"])
+    assert {r["new_tokens"] for r in res["rows"].values()} == {saved["eager_new_tokens"]}
 
-    g = torch.Generator().manual_seed(0)
-    batch, context, hkv, dim = 2, 48, 8, 128  # the helpers assume the benchmark's Hkv and D
-    k, v = (torch.randn(batch, hkv, context, dim, generator=g) for _ in range(2))
-    q = torch.randn(batch, 4 * hkv, dim, generator=g)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None].double(), k.double(), v.double(), enable_gqa=True
-    )[:, :, 0]
-    (k_pages, tables), (v_pages, _) = dt.sdpa_memory_as_pages(k, batch, context), dt.sdpa_memory_as_pages(v, batch, context)
-    assert k_pages.data_ptr() == k.data_ptr()  # a view of SDPA's tensor, not a copy
-    lens = torch.full((batch,), context, dtype=torch.int32)
-    got = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens)
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
-    pool = k_pages[tables.flatten().long()].contiguous()  # the same values in a token-major pool
-    outer = dt.head_outer_pool(pool)
-    assert torch.equal(outer, pool) and outer.stride(2) == pool.shape[0] * pool.shape[1] * dim
+def test_decode_sweep_quick_runs_and_plots(tmp_path):
+    """decode_sweep --quick: tiny shapes on the CPU (our kernel under the Triton interpreter, SDPA, Flex
+    uncompiled), every shape asserted equal to SDPA before timing; the JSON has the schema the lesson
+    reads, and the plot helper draws it. A fresh process: TRITON_INTERPRET must be set before triton loads."""
+    import os
+    import subprocess
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nexus_lessons.bench.decode_sweep import QUICK_BATCHES, QUICK_CONTEXTS, SIDES, plot_decode_sweep
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nexus_lessons.bench", "decode_sweep", "--quick", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "decode_sweep.json").read_text())
+    assert data["benchmark"] == "decode_sweep" and data["quick"] and {"device", "torch", "date", "command"} <= set(data)
+    assert "read_gbps" in data and "datasheet_gbps" in data and not data["errors"]
+    assert [(r["batch"], r["context"]) for r in data["rows"]] == [(b, c) for b in QUICK_BATCHES for c in QUICK_CONTEXTS]
+    for row in data["rows"]:
+        assert row["bytes_read"] > 0 and row["max_abs_err_vs_sdpa"] < 3e-2 and row["max_abs_err_flex_vs_sdpa"] < 3e-2
+        assert set(SIDES) <= set(row) and all({"ms", "pct_read"} <= set(row[s]) for s in SIDES)
+        assert row["ours_eager"]["ms"] > 0 and row["sdpa_eager"]["ms"] > 0 and row["flex"]["ms"] > 0
+    ax = plot_decode_sweep(tmp_path / "decode_sweep.json")
+    assert len(ax.get_lines()) == 3  # ours, SDPA and Flex eager (no graphs on a CPU)
+    # A GPU run's JSON draws % of the read bound, one series per side.
+    for row in data["rows"]:
+        for side in SIDES:
+            row[side] = {"ms": 0.1, "pct_read": 90.0}
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({**data, "read_gbps": 3000.0, "datasheet_gbps": 3350.0, "device": "NVIDIA H100"}))
+    ax = plot_decode_sweep(gpu)
+    assert len(ax.get_lines()) == len(SIDES) + 1 and ax.get_ylabel() == "% of read bandwidth"  # + the 100% line
+
+
+def test_paged_kernels_smoke_runs(tmp_path):
+    """paged_kernels --smoke: paging, waves and extend on tiny shapes on the CPU (the interpreter), every
+    side checked before it is timed; the JSON has the sections the lesson reads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nexus_lessons.bench", "paged_kernels", "--smoke", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "paged_kernels.json").read_text())
+    assert data["smoke"] and {"device", "torch", "date", "command", "read_gbps"} <= set(data)
+    assert {"shuffled", "in_order", "sdpa"} <= set(data["paging"][0])
+    assert [w["auto_schedule"] for w in data["waves"]] == ["split", "streamk"]  # spread lengths take stream-K
+    assert {"ours_graph", "ours_eager", "sdpa_graph", "sdpa_eager"} <= set(data["extend"][0])

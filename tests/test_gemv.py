@@ -107,16 +107,3 @@ def test_gpu_kernel_path_generates_what_the_plain_model_does():
         got = fused_linear(x, w, silu_mul=silu, residual=r)
         want = fused_linear_ref(x.double(), w.double(), silu_mul=silu, residual=r.double())
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
-
-
-def test_gemv_sites_subset_and_unknown_site():
-    model, _ = load_model("nexus-tiny", tokenizer=False)
-    ids = torch.tensor([[3, 99, 1024, 7]])
-    plain = generate(model, ids, 12)
-    model.fuse_projections(fused_activation=True, fused_gemv=["attention"])
-    try:
-        assert torch.equal(generate(model, ids, 12, cache="static"), plain)
-    finally:
-        model.unfuse_projections()
-    with pytest.raises(ValueError, match="unknown GEMV sites"):
-        model.fuse_projections(fused_gemv=["attention", "embedding"])

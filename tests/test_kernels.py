@@ -3,7 +3,7 @@
 Without a GPU the Triton kernels run under the interpreter: this module turns it on just long enough to
 build them, then restores TRITON_INTERPRET, so other test modules keep the fast reference path under
 ``impl="auto"``. Shapes are small on purpose (the interpreter runs each program in numpy).
-GPU tests (``-m gpu``) run the compiled kernels at the H200 benchmark's head shapes.
+GPU tests (``-m gpu``) run the compiled kernels at the benchmark's head shapes.
 """
 
 from __future__ import annotations
@@ -14,32 +14,37 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+
+from nexus_lessons.kernels import dispatch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # build the kernels under the interpreter, then put the environment back
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import nexus_lessons.kernels.paged_attention as pa
-
+        dispatch.triton_kernels()  # imports every kernel module, all interpreted
         try:  # newer triton imports gluon at the first launch, and gluon must see the interpreter too
             import triton.experimental.gluon  # noqa: F401
         except ImportError:
             pass
-    except ImportError:  # no triton at all: the Triton tests skip below
-        pa = None
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = _saved
 else:
-    import nexus_lessons.kernels.paged_attention as pa
+    dispatch.triton_kernels()
+
+if dispatch.triton_kernels() is not None:
+    from nexus_lessons.kernels import common, decode, extend
+    from nexus_lessons.kernels import decode_streamk as sk
+else:  # no triton at all: the Triton tests skip below
+    common = decode = extend = sk = None
 
 from nexus_lessons import kernels as K  # noqa: E402
-from nexus_lessons.kernels import dispatch  # noqa: E402
 
-TRITON_OK = pa is not None and (HAS_CUDA or pa.interpreting())
+TRITON_OK = common is not None and (HAS_CUDA or common.interpreting())
 needs_triton = pytest.mark.skipif(
     not TRITON_OK,
     reason="Triton kernels unavailable (no triton, or it was imported before TRITON_INTERPRET=1)",
@@ -272,63 +277,25 @@ def test_decode_and_extend_take_broadcast_lengths():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_prefetched_block_ids(dtype):
-    """Block ids loaded one tile ahead: lengths that end mid-tile, mid-page and on a page boundary, one and
-    several splits (some empty), NaN in every slot past a sequence's end; equal to the plain kernel."""
-    bs, hkv, group, d = 16, 2, 4, 32
-    lens = [1, 47, 130, 96, 16, 33]
-    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=23)
-    q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
-    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    base = pa.default_decode_config(dtype, d, q.device)
-    for block_n in (16, 32):
-        plain = pa.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
-        ahead = pa.DecodeConfig(
-            block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages, prefetch_ids=True
-        )
-        for splits in (1, 3, 9):
-            got = pa.paged_decode_attention_triton(
-                q, k_cache, v_cache, tables, ctx, num_splits=splits, config=ahead
-            )
-            ref = pa.paged_decode_attention_triton(
-                q, k_cache, v_cache, tables, ctx, num_splits=splits, config=plain
-            )
-            assert_close(got, want, dtype, f"prefetch block_n={block_n} splits={splits}")
-            torch.testing.assert_close(got, ref, atol=TOL[dtype] / 4, rtol=0)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [3, 4])
-def test_decode_fused_merge(dtype, group):
-    """The last split to arrive merges all GROUP heads at once (3: one padded head in its tile): many
-    splits (some empty), against the oracle and the two-kernel merge; a second call on the same counter
-    workspace proves the counters were reset to 0."""
+@pytest.mark.parametrize("dtype, group", [(torch.float32, 3), (torch.float16, 4)])
+def test_decode_split_tiles_and_merge(dtype, group):
+    """Split launches (block ids prefetched one tile ahead; the last split to arrive merges all GROUP heads
+    at once; 3: one padded head in its tile): 16- and 32-token tiles, lengths that end mid-tile, mid-page
+    and on a page boundary, many splits (some empty), NaN in every slot past a sequence's end. A second
+    call on the same counter workspace proves the counters were reset to 0."""
     bs, hkv, d = 16, 2, 32
-    lens = [1, 47, 130, 96, 16]
-    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=21)
+    lens = [1, 47, 130, 96, 16, 33]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=21 + group)
     q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    base = pa.default_decode_config(dtype, d, q.device)
-    fused = pa.DecodeConfig(
-        block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=True
-    )
-    two = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=False)
-    for splits in (3, 9, 17):  # 17 splits of 16-token tiles: most sequences leave some splits empty
-        a = pa.paged_decode_attention_triton(
-            q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused
-        )
-        counters = pa.merge_counters(q.device, len(lens) * hkv)
-        assert not counters.any(), "the last arriver must reset every counter it used"
-        b = pa.paged_decode_attention_triton(
-            q, k_cache, v_cache, tables, ctx, num_splits=splits, config=fused
-        )
-        c = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=two)
-        assert_close(a, want, dtype, f"fused splits={splits}")
+    base = decode.default_decode_config(dtype, d, q.device)
+    for block_n, splits in ((16, 17), (32, 3)):  # 17 x 16-token tiles: most sequences leave splits empty
+        cfg = decode.DecodeConfig(block_n=block_n, num_warps=base.num_warps, num_stages=base.num_stages)
+        a = sk.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
+        assert not decode.merge_counters(q.device, len(lens) * hkv).any(), "the last arriver must reset its counter"
+        b = sk.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
+        assert_close(a, want, dtype, f"block_n={block_n} splits={splits}")
         assert torch.equal(a, b), "a second call on the same workspace differs"
-        torch.testing.assert_close(a, c, atol=TOL[dtype] / 4, rtol=0)
-    assert pa.DecodeConfig().fused_merge is None  # the default: fused on the split schedule
 
 
 @needs_triton
@@ -343,115 +310,115 @@ def test_decode_host_split(bound):
     q = torch.randn(len(lens), hkv * group, d).to(DEV)
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
     max_len = {"tight": max(lens), "loose": 3 * max(lens), "too small": 50}[bound]
-    for fused, block_n in ((False, 16), (True, 16), (True, 32)):  # 32: ranges start inside a tile
-        cfg = pa.DecodeConfig(block_n=block_n, num_warps=4, num_stages=1, fused_merge=fused)
-        for splits in (2, 5, 13):
-            got = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits,
-                                                   max_context_len=max_len, config=cfg)  # fmt: skip
-            assert_close(got, want, torch.float32, f"{bound} bound, {splits} splits, fused={fused}")
-
-
-def test_default_decode_config_many_programs(monkeypatch):
-    """One-warp 32-token programs only when B x Hkv gives many programs per SM, only for 16-bit K/V."""
-    monkeypatch.setattr(pa, "num_sms", lambda device: 132)
-    cuda = torch.device("cuda")
-    few = pa.default_decode_config(torch.bfloat16, 128, cuda, 64 * 8)
-    many = pa.default_decode_config(torch.bfloat16, 128, cuda, 256 * 8)
-    assert (few.block_n, few.num_warps) == (64, 4)
-    assert (many.block_n, many.num_warps, many.schedule) == (32, 1, "split")
-    assert pa.default_decode_config(torch.bfloat16, 128, cuda) == few  # programs unknown: the usual tile
-    assert pa.default_decode_config(torch.float32, 128, cuda, 256 * 8).num_warps == 4
+    for block_n, splits in ((16, 2), (16, 13), (32, 5)):  # 32: ranges start inside a tile
+        cfg = decode.DecodeConfig(block_n=block_n, num_warps=4, num_stages=1)
+        got = sk.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits,
+                                               max_context_len=max_len, config=cfg)  # fmt: skip
+        assert_close(got, want, torch.float32, f"{bound} bound, {splits} splits, block_n={block_n}")
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("fused", [False, True])
-def test_decode_streamk_matches_oracle(dtype, group, fused):
+def test_default_decode_config_many_programs(monkeypatch):
+    """One-warp 32-token programs only when B x Hkv gives many programs per SM, only for 16-bit K/V."""
+    monkeypatch.setattr(decode, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    few = decode.default_decode_config(torch.bfloat16, 128, cuda, 64 * 8)
+    many = decode.default_decode_config(torch.bfloat16, 128, cuda, 256 * 8)
+    assert (few.block_n, few.num_warps, few.streamk) == (64, 4, True)
+    assert (many.block_n, many.num_warps, many.streamk) == (32, 1, False)  # many waves already: no stream-K
+    assert decode.default_decode_config(torch.bfloat16, 128, cuda) == few  # programs unknown: the usual tile
+    assert decode.default_decode_config(torch.float32, 128, cuda, 256 * 8).num_warps == 4
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, group", [(torch.float32, 1), (torch.bfloat16, 4)])
+def test_decode_streamk_matches_oracle(dtype, group):
     """Stream-K: grids of 1 program up to more programs than tiles cut the units at every place (inside a
     page, on page and tile boundaries, several units per program and several programs per unit); random
-    signed values, NaN past every sequence's end; block ids prefetched or not; fused or two-kernel merge."""
+    signed values, NaN past every sequence's end."""
     bs, hkv, d = 16, 2, 32
     lens = [1, 47, 130, 96, 16, 33]
     k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, dtype, seed=31 + group)
     q = torch.randn(len(lens), hkv * group, d).to(dtype).to(DEV)
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    base = pa.default_decode_config(dtype, d, q.device)
-    for prefetch in (False, True):
-        cfg = pa.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages, fused_merge=fused,
-                              prefetch_ids=prefetch, schedule="streamk")  # fmt: skip
-        for programs in (1, 5, 29, 1000):  # 29 tiles in all: 1000 programs leaves 971 idle
-            out = pa._streamk.paged_decode_attention_streamk(
-                q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg
-            )
-            assert_close(out, want, dtype, f"stream-K P={programs} prefetch={prefetch}")
-        if fused:
-            assert not pa.merge_counters(q.device, len(lens) * hkv).any(), (
-                "the last piece must reset its counter"
-            )
+    base = decode.default_decode_config(dtype, d, q.device)
+    cfg = decode.DecodeConfig(block_n=16, num_warps=base.num_warps, num_stages=base.num_stages)
+    for programs in (1, 5, 1000):  # 29 tiles in all: 1000 programs leaves 971 idle
+        out = sk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg)
+        assert_close(out, want, dtype, f"stream-K P={programs}")
+
+
+def test_choose_schedule():
+    """ "auto" keeps the split grid when it fills its last wave, and takes stream-K when that wave is thin
+    or the lengths are spread."""
+    assert decode.choose_schedule(5, 5, 4) == "streamk"  # 2 waves, the second 25% full
+    assert decode.choose_schedule(8, 8, 4) == "split"  # 2 full waves
+    assert decode.choose_schedule(15, 15, 4) == "split"  # the second wave 94% full
+    assert decode.choose_schedule(3, 3, 4) == "split"  # one wave
+    assert decode.choose_schedule(3, 3, 4, spread=True) == "streamk"
+    assert decode.choose_schedule(decode.STREAMK_MAX_BATCH + 1, 5000, 4) == "split"
 
 
 @needs_triton
-def test_decode_schedule_choice():
-    """ "auto" keeps the split grid when it fills its last wave, and takes stream-K when that wave is thin.
-    On CPU a "GPU" has 1 SM holding 4 programs (so slots = 4): B = 5 sequences, 1 KV head, 1 split each
-    makes 5 programs = 2 waves with the second 25% full: stream-K; B = 8 fills 2 waves; B = 15 is 94%."""
+def test_decode_launcher_picks_streamk_on_a_thin_wave(monkeypatch):
+    """On CPU a "GPU" has 1 SM holding 4 programs: 5 sequences x 1 KV head, unsplit, is 2 waves with the
+    second 25% full, so the launcher takes stream-K; a forced split count, or lengths the caller says are
+    not spread, keep the split kernel where it fills its wave."""
     bs, hkv, d = 16, 1, 32
     lens = [20, 3, 64, 17, 50]
     k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=5)
     q = torch.randn(len(lens), 2 * hkv, d, device=DEV)
-    cfg = pa.DecodeConfig(block_n=16, num_stages=1)
-    kernel = pa._decode_split_kernel
-    assert pa.choose_schedule(cfg, 5, (5, 1, 1), kernel, (), {}, q.device) == "streamk"
-    assert pa.choose_schedule(cfg, 8, (8, 1, 1), kernel, (), {}, q.device) == "split"
-    assert pa.choose_schedule(cfg, 15, (15, 1, 1), kernel, (), {}, q.device) == "split"
-    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device) == "split"  # one wave
-    # spread lengths (the caller's max and mean): stream-K even within one wave
-    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device, 100, 40.0) == "streamk"
-    assert pa.choose_schedule(cfg, 3, (3, 1, 1), kernel, (), {}, q.device, 100, 90.0) == "split"
-    assert (
-        pa.choose_schedule(replace(cfg, schedule="split"), 5, (5, 1, 1), kernel, (), {}, q.device) == "split"
-    )
-    assert (
-        pa.choose_schedule(replace(cfg, schedule="streamk"), 3, (3, 1, 1), kernel, (), {}, q.device)
-        == "streamk"
-    )
+    if HAS_CUDA:
+        pytest.skip("the wave arithmetic here is the interpreter's (1 SM, 4 programs)")
     calls = []
-    real = pa._streamk.paged_decode_attention_streamk
-    try:
-        pa._streamk.paged_decode_attention_streamk = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg)
-        assert calls, "auto should have taken stream-K for 5 programs on 4 slots"
-        calls.clear()
-        pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg, num_splits=1)
-        assert not calls, "a forced split count keeps the split kernel"
-    finally:
-        pa._streamk.paged_decode_attention_streamk = real
+    real = sk.paged_decode_attention_streamk
+    monkeypatch.setattr(sk, "paged_decode_attention_streamk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton")
+    assert calls, "auto should have taken stream-K for 5 programs on 4 slots"
     assert_close(out, oracle_decode(q, k_cache, v_cache, tables, ctx), torch.float32, "auto -> stream-K")
-    with pytest.raises(ValueError, match="schedule"):
-        pa.paged_decode_attention_triton(
-            q, k_cache, v_cache, tables, ctx, config=replace(cfg, schedule="lean")
-        )
+    calls.clear()
+    K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton", num_splits=1)
+    K.paged_decode_attention(q[:3], k_cache, v_cache, tables[:3], ctx[:3], impl="triton")  # one wave
+    assert not calls, "a forced split count, or a grid within one wave, keeps the split kernel"
+    K.paged_decode_attention(q[:3], k_cache, v_cache, tables[:3], ctx[:3], impl="triton", max_context_len=64,
+                             mean_context_len=20.0)  # fmt: skip
+    assert calls, "spread lengths (max > 1.5 x mean) take stream-K"
     with pytest.raises(ValueError, match="num_programs"):
-        pa._streamk.paged_decode_attention_streamk(
-            q, k_cache, v_cache, tables, ctx, num_programs=0, config=cfg
-        )
+        sk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=0)
 
 
-def test_choose_num_splits():
-    # H200: 132 SMs, Hkv 8. Batch 1 x 32k must spread over the GPU; big batches need no split.
-    if pa is not None:
-        assert pa.choose_num_splits(1, 8, 32768, 132) == 64  # 66 wanted, rounded to 8 whole tiles each
-        assert pa.choose_num_splits(256, 8, 1024, 132) == 1
-        assert pa.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs already: >= 2 per SM
-        assert pa.choose_num_splits(1, 8, 100, 132) == 1  # too short to be worth splitting
-        assert pa.choose_num_splits(4, 8, 1 << 20, 132) <= pa.MAX_SPLITS
-        assert pa.choose_num_splits(1, 8, 32768, 132, programs_per_sm=2) == 32  # 33 wanted: 16 tiles each
-        cfg = pa.DecodeConfig()  # prefetch_ids=None: on exactly when split, then one wave at 2 per SM
-        assert pa.decode_plan(1, 8, 32768, 132, cfg) == (32, True)
-        assert pa.decode_plan(64, 8, 4096, 132, cfg) == (1, False)
-        assert pa.decode_plan(1, 8, 100, 132, cfg) == (1, False)
-        assert pa.decode_plan(1, 8, 32768, 132, pa.DecodeConfig(prefetch_ids=False)) == (64, False)
+@needs_triton
+def test_choose_num_splits_and_plan(monkeypatch):
+    # H100/H200: 132 SMs, Hkv 8. Batch 1 x 32k must spread over the GPU; big batches need no split.
+    assert decode.choose_num_splits(1, 8, 32768, 132) == 32  # 33 wanted at 2 per SM: 16 tiles each
+    assert decode.choose_num_splits(1, 8, 32768, 132, programs_per_sm=4) == 64  # 66 wanted: 8 tiles each
+    assert decode.choose_num_splits(16, 8, 4096, 132) == 2  # 3 would be 384 programs on 264 slots: 2 waves
+    assert decode.choose_num_splits(256, 8, 1024, 132) == 1
+    assert decode.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs already: >= 2 per SM
+    assert decode.choose_num_splits(1, 8, 100, 132) == 1  # too short to be worth splitting
+    assert decode.choose_num_splits(4, 8, 1 << 20, 132) <= decode.MAX_SPLITS
+    # The plan, from host facts only (meta tensors hold no values at all), cached per tile count.
+    monkeypatch.setattr(decode, "num_sms", lambda device: 132)
+    meta = torch.device("meta")
+    cache = torch.empty(4096, 16, 8, 128, device=meta, dtype=torch.bfloat16)
+    cfg = decode.DecodeConfig(streamk=False)
+
+    def plan(batch, width, **kw):
+        q = torch.empty(batch, 32, 128, device=meta, dtype=torch.bfloat16)
+        tables = torch.empty(batch, width, device=meta, dtype=torch.int32)
+        lens = torch.empty(batch, device=meta, dtype=torch.int32)
+        return decode.plan_decode(q, cache, cache, tables, lens, kw.get("num_splits"), kw.get("max_context_len"),
+                                  None, cfg)  # fmt: skip
+
+    long = plan(1, 2048)  # no bound given: the table's width, 2048 x 16 tokens
+    assert (long.splits, long.meta["PREFETCH_IDS"], long.meta["HOST_SPLIT"]) == (32, True, False)
+    host = plan(1, 4096, max_context_len=32768)
+    assert (host.splits, host.meta["HOST_SPLIT"]) == (32, True)
+    assert plan(1, 4096, max_context_len=32767) is host  # same tile count: the cached plan
+    wide = plan(64, 256)
+    assert (wide.splits, wide.meta["PREFETCH_IDS"], wide.meta["DIRECT_OUT"]) == (1, False, True)
+    with pytest.raises(ValueError, match="num_splits"):
+        plan(1, 8, num_splits=decode.MAX_SPLITS + 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,10 +514,10 @@ def _extend_new_kv(mode, q, kc, vc, tables, ctx, qsl, kn, vn, mask=None, block=(
     if mode == "reference":
         return K.paged_prefill_attention(q, kc, vc, tables, ctx, qsl, custom_mask=mask, k_new=kn, v_new=vn,
                                          impl="reference")  # fmt: skip
-    if mode == "tma" and not pa.tma_available(q.device):
+    if mode == "tma" and not extend.tma_available(q.device):
         pytest.skip("this triton cannot run tensor descriptors here")
-    cfg = pa.ExtendConfig(block_m=block[0], block_n=block[1], num_warps=4, num_stages=1, new_kv=mode)
-    return pa.paged_prefill_attention_triton(
+    cfg = extend.ExtendConfig(block_m=block[0], block_n=block[1], num_warps=4, num_stages=1, tma=mode == "tma")
+    return extend.paged_prefill_attention_triton(
         q, kc, vc, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn, config=cfg
     )
 
@@ -577,7 +544,7 @@ def test_prefill_new_kv_matches_oracle(mode, dtype, group):
     kp, vp = poison_new_slots(kc, tables, lens, q_lens), poison_new_slots(vc, tables, lens, q_lens)
     out = _extend_new_kv(mode, q, kp, vp, tables, ctx, qsl, kn, vn)
     if mode == "tma":  # the descriptor path really ran (the layouts allow descriptors)
-        assert all(pa._descriptor(t, 16, d) is not None for t in (q, kn, vn))
+        assert all(extend._descriptor(t, 16, d) is not None for t in (q, kn, vn))
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, want, dtype, f"{mode} new_kv")
     torch.testing.assert_close(
@@ -606,30 +573,21 @@ def test_prefill_new_kv_tree_mask_and_tiles(mode):
 
 
 @needs_triton
-def test_prefill_new_kv_paged_mode_and_strided_rows():
-    """new_kv="paged" ignores k_new (the old kernel); k_new as a strided view falls back to pointer loads."""
+def test_prefill_new_kv_strided_rows():
+    """k_new as a strided view: no descriptor can describe it, so the rows are read with ordinary loads."""
     bs, hkv, group, d = 16, 2, 2, 32
     q_lens, lens = [20, 33], [20 + 5, 33]
     kc, vc, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=2)
     q, qsl = make_queries(lens, q_lens, hkv * group, d, torch.float32, seed=2)
     kn, vn = new_rows(kc, tables, lens, q_lens), new_rows(vc, tables, lens, q_lens)
     want = oracle_prefill(q, kc, vc, tables, ctx, qsl)
-    cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="paged")
-    out = pa.paged_prefill_attention_triton(
-        q, kc, vc, tables, ctx, qsl, k_new=kn * 0, v_new=vn * 0, config=cfg
-    )
-    assert_close(out, want, torch.float32, "paged mode reads the pages")
     wide = torch.randn(kn.shape[0], hkv, 2 * d, device=DEV)
     wide[:, :, ::2] = kn
-    cfg = pa.ExtendConfig(32, 16, 4, 1, new_kv="tma")
-    out = pa.paged_prefill_attention_triton(
-        q, kc, vc, tables, ctx, qsl, k_new=wide[:, :, ::2], v_new=vn, config=cfg
-    )
+    cfg = extend.ExtendConfig(32, 16, 4, 1, tma=True)
+    out = extend.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=wide[:, :, ::2], v_new=vn,
+                                                config=cfg)  # fmt: skip
     assert_close(out, want, torch.float32, "strided k_new")
-    assert pa._descriptor(wide[:, :, ::2], 16, d) is None
-    with pytest.raises(ValueError, match="new_kv must be one of"):
-        pa.paged_prefill_attention_triton(q, kc, vc, tables, ctx, qsl, k_new=kn, v_new=vn,
-                                          config=pa.ExtendConfig(new_kv="fast"))  # fmt: skip
+    assert extend._descriptor(wide[:, :, ::2], 16, d) is None
 
 
 @needs_triton
@@ -711,16 +669,28 @@ def test_bad_decode_input():
         call(q, kc, vc[:-1], bt, ctx)
     with pytest.raises(ValueError, match="is on meta"):
         call(q.to("meta"), kc, vc, bt, ctx)
+    with pytest.raises(ValueError, match="num_splits"):
+        call(q, kc, vc, bt, ctx, num_splits=0)
+    with pytest.raises(ValueError, match="max_context_len"):
+        call(q, kc, vc, bt, ctx, max_context_len=0)
+    # Checks of values read tensors back (a sync on a GPU): only when asked for.
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 0"):
-        call(q, kc, vc, bt, torch.tensor([5, 0], dtype=torch.int32))
+        call(q, kc, vc, bt, torch.tensor([5, 0], dtype=torch.int32), validate=True)
     with pytest.raises(ValueError, match="more than the"):
-        call(q, kc, vc, bt, torch.tensor([5, 10_000], dtype=torch.int32))
+        call(q, kc, vc, bt, torch.tensor([5, 10_000], dtype=torch.int32), validate=True)
     bad = bt.clone()
     bad[0, 0] = kc.shape[0]
     with pytest.raises(ValueError, match="block id outside"):
-        call(q, kc, vc, bad, ctx)
-    with pytest.raises(ValueError, match="num_splits"):
-        call(q, kc, vc, bt, ctx, num_splits=0)
+        call(q, kc, vc, bad, ctx, validate=True)
+
+
+def test_value_checks_for_the_whole_process(monkeypatch):
+    """NEXUS_KERNEL_VALIDATE=1 turns the value checks on for every call."""
+    q, kc, vc, bt, _ = small_case()
+    zero = torch.tensor([5, 0], dtype=torch.int32)
+    monkeypatch.setattr(dispatch, "_VALIDATE_ALWAYS", True)
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 0"):
+        K.paged_decode_attention(q, kc, vc, bt, zero)
 
 
 def test_bad_write_and_prefill_input():
@@ -729,9 +699,9 @@ def test_bad_write_and_prefill_input():
     with pytest.raises(TypeError, match="cast them first"):
         K.write_kv_cache(k.half(), k.half(), kc, vc, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="outside"):
-        K.write_kv_cache(k, k, kc, vc, torch.tensor([0, 1, kc.shape[0] * kc.shape[1]]))
+        K.write_kv_cache(k, k, kc, vc, torch.tensor([0, 1, kc.shape[0] * kc.shape[1]]), validate=True)
     with pytest.raises(ValueError, match="outside"):
-        K.write_kv_cache(k, k, kc, vc, torch.tensor([0, -2, 1]))
+        K.write_kv_cache(k, k, kc, vc, torch.tensor([0, -2, 1]), validate=True)
     with pytest.raises(ValueError, match="entries for 3 tokens"):
         K.write_kv_cache(k, k, kc, vc, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"\[Hkv, D\]"):
@@ -744,17 +714,19 @@ def test_bad_write_and_prefill_input():
     with pytest.raises(ValueError, match="B \\+ 1"):
         pre(qq, kc, vc, bt, ctx, qsl[:2])
     with pytest.raises(ValueError, match="rise from 0"):
-        pre(qq, kc, vc, bt, ctx, torch.tensor([0, 2, 5], dtype=torch.int32))
+        pre(qq, kc, vc, bt, ctx, torch.tensor([0, 2, 5], dtype=torch.int32), validate=True)
     with pytest.raises(ValueError, match="counts the new tokens too"):
-        pre(qq, kc, vc, bt, torch.tensor([1, 9], dtype=torch.int32), qsl)
+        pre(qq, kc, vc, bt, torch.tensor([1, 9], dtype=torch.int32), qsl, validate=True)
     with pytest.raises(TypeError, match="custom_mask must be bool"):
         pre(qq, kc, vc, bt, ctx, qsl, custom_mask=torch.ones(6, 4))
     with pytest.raises(ValueError, match="diagonal"):
-        pre(qq, kc, vc, bt, ctx, qsl, custom_mask=torch.zeros(6, 4, dtype=torch.bool))
+        pre(qq, kc, vc, bt, ctx, qsl, custom_mask=torch.zeros(6, 4, dtype=torch.bool), validate=True)
     with pytest.raises(ValueError, match="columns"):
-        pre(qq, kc, vc, bt, ctx, qsl, custom_mask=torch.ones(6, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="max_query_len"):
-        pre(qq, kc, vc, bt, ctx, qsl, max_query_len=2)
+        pre(qq, kc, vc, bt, ctx, qsl, custom_mask=torch.ones(6, 2, dtype=torch.bool), validate=True)
+    with pytest.raises(ValueError, match="max_query_len = 2"):
+        pre(qq, kc, vc, bt, ctx, qsl, max_query_len=2, validate=True)
+    with pytest.raises(ValueError, match="max_query_len must be"):
+        pre(qq, kc, vc, bt, ctx, qsl, max_query_len=-1)
 
     kn = torch.randn(6, 2, 16)
     pre(qq, kc, vc, bt, ctx, qsl, k_new=kn, v_new=kn)  # fine
@@ -772,6 +744,58 @@ def test_bad_write_and_prefill_input():
         pre(qq, kc, vc, bt, ctx, qsl, k_new=kn, v_new=kn.half())
     with pytest.raises(ValueError, match="k_new is on meta"):
         pre(qq, kc, vc, bt, ctx, qsl, k_new=kn.to("meta"), v_new=kn)
+
+
+class _NoHostReads(TorchFunctionMode):
+    """Fails any call that would bring a tensor's values to the host (a sync on a GPU)."""
+
+    FORBIDDEN = {"__bool__", "__int__", "__index__", "__float__", "__complex__", "item", "tolist", "numpy", "cpu",
+                 "nonzero", "equal", "allclose", "__repr__", "__str__", "__format__"}  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.FORBIDDEN:
+            raise AssertionError(f"the default call read device values on the host: Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_default_calls_read_nothing_back():
+    """The public ops with their default flags, all the way to the kernel launches (recorded, not run: the
+    interpreter itself reads values), under a mode that fails any host read of tensor values: the decode
+    call on both schedules and split, the extend call without max_query_len (with and without k_new and
+    a tree mask), the slot write. Each check of values is opt-in (validate=True), so this must stay clean."""
+    from nexus_lessons.kernels.compile_check import record
+
+    bs, hkv, group, d = 16, 2, 2, 32
+    lens = [37, 5, 130]
+    k_cache, v_cache, tables, ctx = make_paged(lens, bs, hkv, d, torch.float32, seed=1)
+    q = torch.randn(len(lens), hkv * group, d, device=DEV)
+    q_lens = [3, 5, 1]
+    qx, qsl = make_queries(lens, q_lens, hkv * group, d, torch.float32, seed=1)
+    kn = torch.randn(qx.shape[0], hkv, d, device=DEV)
+    mask = torch.ones(qx.shape[0], 5, dtype=torch.bool, device=DEV)
+    calls = {
+        "decode": lambda: K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton"),
+        "decode, split": lambda: K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton", num_splits=4),
+        "decode, bounds": lambda: K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton",
+                                                           max_context_len=130, mean_context_len=57.3),
+        "extend": lambda: K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl, impl="triton"),
+        "extend, k_new, tree": lambda: K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl, impl="triton",
+                                                                 custom_mask=mask, k_new=kn, v_new=kn),
+        "write": lambda: K.write_kv_cache(kn, kn, k_cache, v_cache, torch.arange(kn.shape[0], device=DEV), impl="triton"),
+    }  # fmt: skip
+    kernels_seen = set()
+    for what, call in calls.items():
+        with _NoHostReads():
+            launches = record(call)
+        assert launches, f"{what}: nothing was launched"
+        kernels_seen |= {launch.kernel.__name__ for launch in launches}
+    # the split kernel (both ways), stream-K (3 sequences of spread lengths), extend and write all ran
+    assert {"_decode_split_kernel", "_decode_streamk_kernel", "_extend_kernel", "_write_kv_cache_kernel"} <= kernels_seen
+    with pytest.raises(AssertionError, match="read device values"):  # the guard catches a host read
+        with _NoHostReads():
+            record(lambda: K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, impl="triton", validate=True))
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
@@ -813,65 +837,85 @@ def test_gpu_decode(dtype, splits):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fused, pdl, prefetch", [(True, "off", False), (False, "off", False), (False, "end", False),
-                                                  (False, "start", False), (False, "off", True)])  # fmt: skip
-def test_gpu_decode_merge_paths(fused, pdl, prefetch):
-    """bf16 at 1 x 32k-like splits: the fused merge (atomic arrival counter), the two-kernel merge and the
-    two-kernel merge as a programmatic dependent launch, each called repeatedly (the counters must come
-    back to 0 every time) and once from a CUDA graph replay."""
+def test_gpu_decode_split_merge_and_graph():
+    """bf16 at 1 x 32k-like splits: the merge by the last split to arrive (atomic arrival counter), called
+    repeatedly (the counters must come back to 0 every time) and from a CUDA graph replay."""
     lens = [4099, 1, 2048, 777]
     k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=13)
     q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    cfg = pa.DecodeConfig(fused_merge=fused, pdl=pdl, prefetch_ids=prefetch)
-    assert pdl == "off" or pa.pdl_available(q.device), "the H200 run must exercise the PDL path"
     for splits in (2, 64, 128):
-        outs = [
-            pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=splits, config=cfg)
-            for _ in range(3)
-        ]
+        outs = [K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=splits) for _ in range(3)]
         for o in outs:
-            assert_close(o, want, torch.bfloat16, f"fused={fused} splits={splits}")
+            assert_close(o, want, torch.bfloat16, f"splits={splits}")
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     torch.cuda.synchronize()
-    assert not pa.merge_counters(DEV, len(lens) * 8).any()
+    assert not decode.merge_counters(DEV, len(lens) * 8).any()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, num_splits=64, config=cfg)
+        out = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=64)
     for _ in range(3):
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(out, want, torch.bfloat16, f"graph replay fused={fused}")
+        assert_close(out, want, torch.bfloat16, "graph replay")
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("maxnreg", [None, 128])
-def test_gpu_decode_streamk(fused, maxnreg):
+def test_gpu_decode_streamk():
     """bf16 at the head shapes, mixed lengths (1 to 5000, not multiples of 16): the one-wave stream-K grid
-    and small grids that cut units into many pieces; repeated calls (counters back to 0) and a graph replay."""
+    and small grids that cut units into many pieces; repeated calls and a graph replay; the public call
+    takes stream-K for lengths the caller says are spread."""
     lens = random_lens(random.Random(3), 37, 16, 5000) + [1, 16, 4096]
     k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=17)
     q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
     want = oracle_decode(q, k_cache, v_cache, tables, ctx)
-    cfg = pa.DecodeConfig(schedule="streamk", fused_merge=fused, maxnreg=maxnreg)
     for programs in (None, 7, 100):
-        outs = [pa._streamk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs, config=cfg)
+        outs = [sk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx, num_programs=programs)
                 for _ in range(2)]  # fmt: skip
-        assert_close(outs[0], want, torch.bfloat16, f"stream-K P={programs} fused={fused}")
+        assert_close(outs[0], want, torch.bfloat16, f"stream-K P={programs}")
         assert torch.equal(outs[0], outs[1])
-    torch.cuda.synchronize()
-    assert not pa.merge_counters(DEV, len(lens) * 8).any()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = pa.paged_decode_attention_triton(q, k_cache, v_cache, tables, ctx, config=cfg)
+        out = sk.paged_decode_attention_streamk(q, k_cache, v_cache, tables, ctx)
     for _ in range(2):
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, want, torch.bfloat16, "stream-K graph replay")
+    public = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx, max_context_len=max(lens),
+                                      mean_context_len=sum(lens) / len(lens))  # fmt: skip
+    assert_close(public, want, torch.bfloat16, "public call, spread lengths")
+
+
+@gpu
+@needs_cuda
+def test_gpu_default_calls_never_sync():
+    """With torch's sync debug mode set to error, the public ops with their defaults run without a single
+    device-to-host synchronisation (a second call too: nothing is planned that needs one later)."""
+    lens = [4099, 1, 2048, 777]
+    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=19)
+    q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
+    q_lens = [300, 1, 129, 64]
+    qx, qsl = make_queries(lens, q_lens, 32, 128, torch.bfloat16, seed=19)
+    kn = torch.randn(qx.shape[0], 8, 128, device=DEV).bfloat16()
+    slots = torch.arange(qx.shape[0], device=DEV)
+    want = oracle_decode(q, k_cache, v_cache, tables, ctx)
+    K.paged_decode_attention(q, k_cache, v_cache, tables, ctx)  # compile first: compiling may sync
+    K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl, k_new=kn, v_new=kn)
+    K.write_kv_cache(kn, kn, k_cache.clone(), v_cache.clone(), slots)
+    torch.cuda.synchronize()
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            out = K.paged_decode_attention(q, k_cache, v_cache, tables, ctx)
+            K.paged_prefill_attention(qx, k_cache, v_cache, tables, ctx, qsl, k_new=kn, v_new=kn)
+            K.write_kv_cache(kn, kn, k2, v2, slots)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_close(out, want, torch.bfloat16, "decode under sync debug mode")
 
 
 @gpu
@@ -897,7 +941,7 @@ def test_gpu_prefill_new_kv(mode, tree):
     """bf16 extend with k_new/v_new: the descriptor (TMA) path and the pointer path, new-token pages
     poisoned with NaN, against the oracle and against the paged-only kernel."""
     if mode == "tma":
-        assert pa.tma_available(DEV) or torch.cuda.get_device_capability()[0] < 9, "Hopper but no descriptors"
+        assert extend.tma_available(DEV) or torch.cuda.get_device_capability()[0] < 9, "Hopper but no descriptors"
     q_lens = [300, 1, 129, 64, 2048]
     lens = [300 + 700, 1 + 33, 129, 64 + 5, 2048]
     k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=14)
@@ -907,11 +951,11 @@ def test_gpu_prefill_new_kv(mode, tree):
     want = oracle_prefill(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
     paged = K.paged_prefill_attention(q, k_cache, v_cache, tables, ctx, qsl, custom_mask=mask)
     kp, vp = poison_new_slots(k_cache, tables, lens, q_lens), poison_new_slots(v_cache, tables, lens, q_lens)
-    base = pa.default_extend_config(torch.bfloat16, 128, DEV, tree, True)
-    for cfg in (base, pa.ExtendConfig(128, 128, 8, 2), pa.ExtendConfig(128, 64, 4, 2)):
-        cfg = pa.ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, new_kv=mode)
-        out = pa.paged_prefill_attention_triton(q, kp, vp, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn,
-                                                config=cfg)  # fmt: skip
+    base = extend.default_extend_config(torch.bfloat16, 128, DEV, tree)
+    for cfg in (base, extend.ExtendConfig(128, 128, 8, 2), extend.ExtendConfig(128, 64, 4, 2)):
+        cfg = replace(cfg, tma=mode == "tma")
+        out = extend.paged_prefill_attention_triton(q, kp, vp, tables, ctx, qsl, None, mask, k_new=kn, v_new=vn,
+                                                    config=cfg)  # fmt: skip
         assert_close(out, want, torch.bfloat16, f"gpu new_kv {cfg}")
         torch.testing.assert_close(out.double(), paged.double(), atol=TOL[torch.bfloat16], rtol=0)
     out = K.paged_prefill_attention(

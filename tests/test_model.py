@@ -94,7 +94,7 @@ def test_fused_projections_change_nothing(tiny_model):
     assert set(tiny_model.state_dict()) == {k for k in tiny_model.state_dict() if "qkv" not in k and "gate_up" not in k}
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reduce", "paged", "paged+rope"])
+@pytest.mark.parametrize("attention", ["sdpa", "paged", "paged+rope"])
 def test_graph_decoder_step_matches_generate(tiny_model, attention):
     """The CUDA-graph decode step, run eagerly on CPU: device-side positions give the same tokens."""
     ids, mask = nl.left_pad([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]])

@@ -73,6 +73,21 @@ def test_cpu_path_is_the_reference():
     assert a["k_pages"][[0, 2, 3, 5]].abs().sum() == 0
 
 
+def test_reference_rotates_as_the_model_does():
+    """The kernel's reference keeps its own copy of the rotation (kernels import no model code): it must
+    equal the model's apply_rope bit for bit."""
+    from nexus_lessons.model import apply_rope
+
+    a = _args(B=3, Hq=6, Hkv=2, D=8, n=7)
+    a["slots"] = torch.tensor([4, 1, 6])
+    B, D = 3, 8
+    q_rot = rope_and_cache_ref(**a)
+    c, s = a["cos"][:, None], a["sin"][:, None]
+    assert torch.equal(q_rot, apply_rope(a["q"].reshape(B, -1, 1, D), c, s)[:, :, 0])
+    k_rot = apply_rope(a["k"].reshape(B, 2, 1, D), c, s)[:, :, 0]
+    assert torch.equal(a["k_pages"][a["slots"]], k_rot)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

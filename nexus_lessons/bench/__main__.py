@@ -1,7 +1,7 @@
 """`python -m nexus_lessons.bench`: the technique comparison, or any benchmark script by name.
 
     python -m nexus_lessons.bench --model nexus-tiny --techniques all --output results/
-    python -m nexus_lessons.bench gpu_decode --out course/results/gpu_decode_h200.json
+    python -m nexus_lessons.bench decode_sweep --out course/results
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What every benchmark records and measures the same way: environment, JSON output, copy bandwidth."""
+"""What every benchmark records and measures the same way: environment, JSON output, the bandwidth bound,
+CUDA-event timing (eager and graphed)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as _dt
 import json
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,88 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 20) -> float:
         times.append(a.elapsed_time(b) / 1e3)
     times.sort()
     return 2 * src.nbytes / times[len(times) // 2] / 1e9
+
+
+# Peak HBM bandwidth from the datasheets (GB/s), recorded beside the measured read bandwidth.
+DATASHEET_GBPS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0}
+
+
+def datasheet_gbps(device_name: str) -> float | None:
+    """The datasheet's memory bandwidth for a device name (H100 SXM 3.35 TB/s, H200 4.8 TB/s), if known."""
+    for key, gbps in DATASHEET_GBPS.items():  # most specific names first
+        if key in device_name:
+            return gbps
+    return None
+
+
+def read_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Read-only bandwidth: a ``sum`` over a buffer far bigger than L2, bytes read over the median time.
+
+    The bound for a kernel that only reads (decode attention, a GEMV): a copy reads and writes, so a
+    good read-only kernel beats it.
+    """
+    buf = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    for _ in range(3):
+        buf.sum()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        buf.sum()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del buf
+    times.sort()
+    return (nbytes // 2 * 2) / times[len(times) // 2] / 1e9
+
+
+def median(values: Sequence[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def time_eager_ms(calls: Sequence[Callable[[], Any]], reps: int = 10) -> float:
+    """Median ms per call, the calls issued back to back as a user's loop issues them (host work included).
+
+    Each rep records one event pair around all ``calls`` (e.g. one per copy of the data, so each call
+    finds its data cold in L2) and divides; reps follow each other with no sync, so a call whose host
+    work outlasts the GPU's shows as the host's time, and one whose GPU work is longer as the GPU's.
+    """
+    for call in calls:  # warm-up: compile, plan, allocate
+        call()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+    torch.cuda.synchronize()
+    return median([s.elapsed_time(e) for s, e in events]) / len(calls)
+
+
+def time_graph_ms(calls: Sequence[Callable[[], Any]], reps: int = 10) -> float:
+    """Median ms per call with all ``calls`` captured in one CUDA graph and replayed (no host work)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the capture stream: compile, plan, allocate
+        for _ in range(2):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    del graph
+    return median([s.elapsed_time(e) for s, e in events]) / len(calls)

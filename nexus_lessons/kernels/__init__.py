@@ -1,5 +1,10 @@
 """Paged-attention kernels (lesson 02): every Triton kernel beside its plain-PyTorch reference.
 
+Layout: ``reference.py`` (the PyTorch twins), ``write.py`` (slot writes), ``decode.py`` (split-KV decode),
+``decode_streamk.py`` (the stream-K schedule and the decode launcher), ``extend.py`` (varlen prefill),
+``common.py`` (what they share), ``dispatch.py`` (argument checks, then Triton or the reference).
+``gemv.py`` and ``rope.py`` are the batch-1 decoder's kernels (``cuda_graph.py``).
+
 Public ops (each checks its arguments, then runs Triton or the reference, see ``dispatch``):
 
 * ``write_kv_cache(k, v, k_cache, v_cache, slot_mapping)``: new K/V rows into their cache slots.

@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from . import decode_streamk as sk
-from . import paged_attention as pa
+from . import decode, decode_streamk, extend, write
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                  torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}  # fmt: skip
@@ -50,8 +49,8 @@ class _Recorder:
 
 def record(call: Callable[[], Any]) -> list[Launch]:
     """Run a launcher with the kernels swapped for recorders; return the launches it would make."""
-    names = {pa: ["_write_kv_cache_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_extend_kernel"],
-             sk: ["_decode_streamk_kernel", "_streamk_merge_kernel"]}  # fmt: skip
+    names = {write: ["_write_kv_cache_kernel"], decode: ["_decode_split_kernel"], extend: ["_extend_kernel"],
+             decode_streamk: ["_decode_streamk_kernel", "_streamk_merge_kernel"]}  # fmt: skip
     saved = {(mod, n): getattr(mod, n) for mod, ns in names.items() for n in ns}
     sink: list[Launch] = []
     try:
@@ -73,7 +72,7 @@ def compile_launch(launch: Launch, arch: int) -> dict[str, Any]:
     fn = launch.kernel
     if not hasattr(fn, "arg_names"):
         raise RuntimeError("the kernels were built by the interpreter: unset TRITON_INTERPRET and run again")
-    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in launch.kwargs}
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     given = dict(zip(fn.arg_names, launch.args))
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     constexpr_names = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
@@ -138,46 +137,44 @@ def cases(quick: bool = False) -> list[tuple[str, Callable[[], Any]]]:
     def table(b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.empty(b, 256, device=meta, dtype=torch.int32), torch.empty(b, device=meta, dtype=torch.int32)
 
-    def decode(dtype: torch.dtype, splits: int | None, d: int = 128, group: int = 4, **how: Any) -> Callable[[], Any]:
+    def decode_case(dtype: torch.dtype, splits: int | None, d: int = 128, group: int = 4, **how: Any) -> Callable[[], Any]:
         q = torch.empty(64, 8 * group, d, device=meta, dtype=dtype)
-        cfg = replace(pa.default_decode_config(dtype, d, cuda), **how)  # fmt: skip
-        return lambda: pa.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits, config=cfg)
+        cfg = replace(decode.default_decode_config(dtype, d, cuda), streamk=False, **how)  # fmt: skip
+        return lambda: decode_streamk.paged_decode_attention_triton(q, *cache(dtype, d), *table(64), num_splits=splits,
+                                                                    config=cfg)  # fmt: skip
 
-    def traced(call: Callable[[], Any]) -> Callable[[], Any]:  # with the timeline diagnostic compiled in
-        def run() -> Any:
-            pa.TRACE_BUFFER = torch.empty(64 * 8 * 32, 4, device=meta, dtype=torch.int64)
-            try:
-                return call()
-            finally:
-                pa.TRACE_BUFFER = None
+    def streamk(dtype: torch.dtype) -> Callable[[], Any]:
+        q = torch.empty(64, 32, 128, device=meta, dtype=dtype)
+        cfg = decode.default_decode_config(dtype, 128, cuda)
+        return lambda: decode_streamk.paged_decode_attention_streamk(q, *cache(dtype), *table(64), num_programs=528,
+                                                                     config=cfg)  # fmt: skip
 
-        return run
-
-    def extend(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
+    def extend_case(dtype: torch.dtype, tree: bool, d: int = 128) -> Callable[[], Any]:
         q = torch.empty(8 * 2048, 32, d, device=meta, dtype=dtype)
         qsl = torch.empty(9, device=meta, dtype=torch.int32)
         mask = torch.empty(8 * 2048, 64, device=meta, dtype=torch.bool) if tree else None
-        cfg = pa.default_extend_config(dtype, d, cuda, tree)
-        return lambda: pa.paged_prefill_attention_triton(q, *cache(dtype, d), *table(8), qsl, None, mask,
-                                                         max_query_len=2048, config=cfg)  # fmt: skip
+        cfg = extend.default_extend_config(dtype, d, cuda, tree)
+        return lambda: extend.paged_prefill_attention_triton(q, *cache(dtype, d), *table(8), qsl, None, mask,
+                                                             max_query_len=2048, config=cfg)  # fmt: skip
 
-    def write(dtype: torch.dtype) -> Callable[[], Any]:
+    def write_case(dtype: torch.dtype) -> Callable[[], Any]:
         k = torch.empty(64, 8, 128, device=meta, dtype=dtype)
         slots = torch.empty(64, device=meta, dtype=torch.int64)
-        return lambda: pa.write_kv_cache_triton(k, k, *cache(dtype), slots)
+        return lambda: write.write_kv_cache_triton(k, k, *cache(dtype), slots)
 
-    out = [("write bf16", write(torch.bfloat16)), ("decode bf16 1 split", decode(torch.bfloat16, 1)),
-           ("decode bf16 8 splits", decode(torch.bfloat16, 8)),
-           ("decode bf16 32 splits fused", decode(torch.bfloat16, 32)),  # the 1 x 32k plan: the merge's widest load
-           ("decode bf16 32 splits traced", traced(decode(torch.bfloat16, 32))),  # bench/decode_timeline.py
-           ("decode bf16 stream-K", decode(torch.bfloat16, None, schedule="streamk")),
-           ("decode bf16 stream-K fused", decode(torch.bfloat16, None, schedule="streamk", fused_merge=True, prefetch_ids=True)),
-           ("extend bf16 causal", extend(torch.bfloat16, False)),
-           ("extend bf16 tree mask", extend(torch.bfloat16, True))]  # fmt: skip
+    bf16 = torch.bfloat16
+    out = [("write bf16", write_case(bf16)), ("decode bf16 1 split", decode_case(bf16, 1)),
+           ("decode bf16 8 splits", decode_case(bf16, 8)),
+           ("decode bf16 32 splits", decode_case(bf16, 32)),  # the 1 x 32k plan: the merge's widest load
+           ("decode bf16 1 split 1 warp", decode_case(bf16, 1, block_n=32, num_warps=1)),  # many programs
+           ("decode bf16 stream-K", streamk(bf16)),
+           ("extend bf16 causal", extend_case(bf16, False)),
+           ("extend bf16 tree mask", extend_case(bf16, True))]  # fmt: skip
     if not quick:
-        out += [("decode fp16 64 splits", decode(torch.float16, 64)), ("decode fp32 4 splits", decode(torch.float32, 4)),
-                ("decode bf16 D=256 G=8", decode(torch.bfloat16, 2, 256, 8)), ("decode bf16 D=64 G=1", decode(torch.bfloat16, 2, 64, 1)),
-                ("extend fp32 causal", extend(torch.float32, False)), ("extend bf16 D=256", extend(torch.bfloat16, False, 256))]  # fmt: skip
+        out += [("decode fp16 64 splits", decode_case(torch.float16, 64)), ("decode fp32 4 splits", decode_case(torch.float32, 4)),
+                ("decode bf16 D=256 G=8", decode_case(bf16, 2, 256, 8)), ("decode bf16 D=64 G=1", decode_case(bf16, 2, 64, 1)),
+                ("extend fp32 causal", extend_case(torch.float32, False)),
+                ("extend bf16 D=256", extend_case(bf16, False, 256))]  # fmt: skip
     return out
 
 

@@ -1,4 +1,4 @@
-"""One public function per paged-attention op: check the arguments once, then run Triton or the reference.
+"""One public function per paged-attention op: check the arguments, then run Triton or the reference.
 
 Which side runs (``impl``):
 
@@ -10,10 +10,11 @@ Which side runs (``impl``):
 The default comes from the environment variable ``NEXUS_KERNEL_IMPL`` and can be changed for the whole
 process with ``set_default_impl``; every function also takes ``impl=`` for one call.
 
-Checks come in two kinds. Shapes, dtypes and devices are checked on every call (free). Value checks
-(``context_lens >= 1``, slots and block ids in range) read tensors back, which on a GPU is a sync, so
-they run when ``validate=True`` (the default) and are skipped during CUDA-graph capture; an engine that
-builds its own metadata passes ``validate=False``.
+Checks come in two kinds. What the host already knows (shapes, dtypes, devices, the caller's bounds) is
+checked on every call, at no cost to the GPU. Checks of values (``context_lens >= 1``, slots and block ids
+in range) would read device memory back, a sync that costs more than a decode step, so they run only
+when asked: ``validate=True`` for one call, or ``NEXUS_KERNEL_VALIDATE=1`` for the process (skipped during
+CUDA-graph capture). A call with the defaults reads nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -35,10 +36,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 _default_impl: str = os.environ.get("NEXUS_KERNEL_IMPL", "auto").strip().lower() or "auto"
+_VALIDATE_ALWAYS = os.environ.get("NEXUS_KERNEL_VALIDATE", "0").strip().lower() in ("1", "true", "yes", "on")
 if _default_impl not in _IMPLS:
     warnings.warn(f"NEXUS_KERNEL_IMPL={_default_impl!r} is not one of {_IMPLS}; using 'auto'", stacklevel=1)
     _default_impl = "auto"
-_triton_module: ModuleType | None = None
+_triton_module: SimpleNamespace | None = None
 _triton_error: str | None = None
 
 
@@ -62,15 +64,22 @@ def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def triton_kernels() -> ModuleType | None:
-    """The Triton module ``paged_attention``, imported on first use (so a notebook can still set
-    ``TRITON_INTERPRET`` first), or None when triton is missing."""
+def triton_kernels() -> SimpleNamespace | None:
+    """The Triton launchers, imported on first use (so a notebook can still set ``TRITON_INTERPRET``
+    first), or None when triton is missing. All kernel modules are imported together, so they are all
+    compiled or all interpreted: ``write_kv_cache_triton``, ``paged_decode_attention_triton``,
+    ``paged_prefill_attention_triton`` and ``interpreting``."""
     global _triton_module, _triton_error
     if _triton_module is None and _triton_error is None:
         try:
-            from . import paged_attention
+            from . import common, decode, decode_streamk, extend, write  # noqa: F401 - decode: built here too
 
-            _triton_module = paged_attention
+            _triton_module = SimpleNamespace(
+                interpreting=common.interpreting,
+                write_kv_cache_triton=write.write_kv_cache_triton,
+                paged_decode_attention_triton=decode_streamk.paged_decode_attention_triton,
+                paged_prefill_attention_triton=extend.paged_prefill_attention_triton,
+            )
         except (ImportError, RuntimeError, OSError) as exc:  # no triton, or a broken install
             _triton_error = f"{type(exc).__name__}: {exc}"
     return _triton_module
@@ -140,7 +149,7 @@ def _capturing() -> bool:
 
 
 def _want_values(validate: bool) -> bool:
-    return validate and not _capturing()
+    return (validate or _VALIDATE_ALWAYS) and not _capturing()
 
 
 def _check_dim(name: str, t: torch.Tensor, dims: int, layout: str) -> None:
@@ -267,11 +276,12 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
     *,
     impl: Impl | None = None,
-    validate: bool = True,
+    validate: bool = False,
 ) -> None:
     """Store new keys and values ``[N, Hkv, D]`` in place at ``slot_mapping [N]``.
 
     ``slot = block * block_size + offset``; -1 skips the row (padding). Both caches change in place.
+    ``validate=True`` also checks every slot is in range (a read of ``slot_mapping`` back to the host).
     """
     _check_dim("k", k, 3, "[N, Hkv, D]")
     _check_dim("v", v, 3, "[N, Hkv, D]")
@@ -293,11 +303,14 @@ def write_kv_cache(
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0, 0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is outside [-1, {num_slots})")
-    if resolve_impl(impl, k_cache.device) == "triton":
-        with _interpreter_env(k_cache.device):
-            triton_kernels().write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
+    device = k_cache.device
+    if resolve_impl(impl, device) != "triton":
         reference.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    elif device.type == "cuda":
+        _triton_module.write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        with _interpreter_env(device):
+            _triton_module.write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(
@@ -312,30 +325,36 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     mean_context_len: float | None = None,
-    validate: bool = True,
+    validate: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged context: ``q [B, Hq, D] -> [B, Hq, D]``.
 
     ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``; ``block_tables [B, max_blocks]`` and
     ``context_lens [B]`` int32 (the query is the last of the ``context_lens[b]`` tokens, already written).
-    ``scale`` defaults to ``D ** -0.5``. ``num_splits`` forces the Triton split-KV count (default: chosen
-    from ``B * Hkv`` against the SM count); ``max_context_len`` is an optional bound that steers it, and
-    with ``mean_context_len`` (both host numbers the caller knows) picks the stream-K schedule for batches
-    of spread lengths.
+    ``scale`` defaults to ``D ** -0.5``. The Triton launch is planned from what the host knows: the
+    shapes and, when the caller has them, ``max_context_len`` (a bound on ``context_lens``; default: what
+    the block table's width holds) and ``mean_context_len`` (with the max, it tells spread lengths, which
+    the stream-K schedule balances). ``num_splits`` forces the split-KV count. ``validate=True`` also
+    checks the lengths and block ids (a read back to the host: a sync on a GPU).
     """
     _check_attention_args(q, "[B, Hq, D]", k_cache, v_cache, block_tables, context_lens, q.shape[0])
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int (or None to choose), got {num_splits!r}")
+    if max_context_len is not None and (not isinstance(max_context_len, int) or max_context_len < 1):
+        raise ValueError(f"max_context_len must be a positive int (or None), got {max_context_len!r}")
     if _want_values(validate):
         _check_values(k_cache, block_tables, context_lens)
-    if resolve_impl(impl, q.device) == "triton":
-        _check_triton_head_dim(q)
-        with _interpreter_env(q.device):
-            return triton_kernels().paged_decode_attention_triton(
-                q, k_cache, v_cache, block_tables, context_lens, scale,
-                num_splits=num_splits, max_context_len=max_context_len, mean_context_len=mean_context_len,
-            )  # fmt: skip
-    return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    device = q.device
+    if resolve_impl(impl, device) != "triton":
+        return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    _check_triton_head_dim(q)
+    launch = _triton_module.paged_decode_attention_triton
+    if device.type == "cuda":
+        return launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
+                      max_context_len=max_context_len, mean_context_len=mean_context_len)  # fmt: skip
+    with _interpreter_env(device):
+        return launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
+                      max_context_len=max_context_len, mean_context_len=mean_context_len)  # fmt: skip
 
 
 def paged_prefill_attention(
@@ -352,7 +371,7 @@ def paged_prefill_attention(
     v_new: torch.Tensor | None = None,
     impl: Impl | None = None,
     max_query_len: int | None = None,
-    validate: bool = True,
+    validate: bool = False,
 ) -> torch.Tensor:
     """Attention of many new tokens per sequence ("extend"/prefill), packed varlen: ``[total_q, Hq, D]``.
 
@@ -362,8 +381,10 @@ def paged_prefill_attention(
     prompt (``q_len == context_len``) or speculative candidates. They attend causally among themselves
     and to every cached token before them. ``custom_mask`` (bool ``[total_q, W]``, W >= the longest
     q_len) replaces the causal rule among the new tokens: row r sees new token j of its own sequence when
-    ``custom_mask[r, j]`` (e.g. a draft tree; each token must see itself). ``max_query_len`` avoids a
-    GPU sync when sizing the launch.
+    ``custom_mask[r, j]`` (e.g. a draft tree; each token must see itself). ``max_query_len`` (a bound on
+    every sequence's new tokens) sizes the launch; without it the host's bound (``total_q``, and what a
+    block-table row holds) does, and the surplus programs exit at once. ``validate=True`` also checks
+    ``query_start_loc``, the lengths, block ids and the mask's diagonal (a read back to the host).
 
     ``k_new, v_new [total_q, Hkv, D]`` (optional, together, packed like q): the new tokens' keys and
     values as contiguous rows, usually the tensors just written into their slots. Then only the cached
@@ -409,14 +430,17 @@ def paged_prefill_attention(
             diag = custom_mask[torch.arange(q.shape[0], device=q.device), torch.arange(q.shape[0], device=q.device) - own]
             if not bool(diag.all()):
                 raise ValueError("custom_mask must let every new token see itself (its diagonal must be True)")
-    if resolve_impl(impl, q.device) == "triton":
-        _check_triton_head_dim(q)
-        with _interpreter_env(q.device):
-            return triton_kernels().paged_prefill_attention_triton(
-                q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
-                k_new=k_new, v_new=v_new, max_query_len=max_query_len,
-            )  # fmt: skip
-    return reference.paged_prefill_attention_ref(
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
-        k_new=k_new, v_new=v_new,
-    )
+    if max_query_len is not None and (not isinstance(max_query_len, int) or max_query_len < 0):
+        raise ValueError(f"max_query_len must be an int >= 0 (or None), got {max_query_len!r}")
+    if resolve_impl(impl, q.device) != "triton":
+        return reference.paged_prefill_attention_ref(
+            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask,
+            k_new=k_new, v_new=v_new,
+        )  # fmt: skip
+    _check_triton_head_dim(q)
+    launch = _triton_module.paged_prefill_attention_triton
+    args = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, custom_mask)
+    if q.device.type == "cuda":
+        return launch(*args, k_new=k_new, v_new=v_new, max_query_len=max_query_len)
+    with _interpreter_env(q.device):
+        return launch(*args, k_new=k_new, v_new=v_new, max_query_len=max_query_len)

@@ -26,10 +26,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activation import silu_and_mul_ref
-from .norm import rms_norm_ref
-
 MAX_ROWS = 4  # above this a matrix-matrix product (cuBLAS) reads each weight once for all rows: use it
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalise in float32, round to the input dtype, multiply by the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2N] holding [gate | up] -> silu(gate) * up [..., N]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def fused_linear_ref(

@@ -7,7 +7,7 @@ Hkv, D]``. Sequence ``b`` owns the blocks listed in ``block_tables[b]``; its tok
 
 These functions loop over sequences and gather each one's keys and values into a contiguous tensor,
 then do textbook softmax attention in float32. They are slow and obviously right; the Triton kernels in
-``paged_attention.py`` must agree with them. No argument checking here: the public functions in
+``write.py``, ``decode.py`` (with ``decode_streamk.py``) and ``extend.py`` must agree with them. No argument checking here: the public functions in
 ``dispatch.py`` check once, then call either side.
 """
 

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ..model import apply_rope
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, D] rotated by cos/sin [B, D]: x * cos + rotate_half(x) * sin (the model's convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
 def rope_and_cache_ref(
@@ -30,9 +34,8 @@ def rope_and_cache_ref(
 ) -> torch.Tensor:
     """Rotated queries [B, Hq, D]; rotated k and plain v written into ``k_pages/v_pages[slots]``."""
     B, Hkv, D = q.shape[0], k_pages.shape[1], k_pages.shape[2]
-    c, s = cos[:, None], sin[:, None]  # [B, T=1, D], as apply_rope takes them for x [B, H, T=1, D]
-    q_rot = apply_rope(q.reshape(B, -1, 1, D), c, s)[:, :, 0]
-    k_rot = apply_rope(k.reshape(B, Hkv, 1, D), c, s)[:, :, 0]
+    q_rot = _rotate(q.reshape(B, -1, D), cos, sin)
+    k_rot = _rotate(k.reshape(B, Hkv, D), cos, sin)
     k_pages.index_copy_(0, slots, k_rot)
     v_pages.index_copy_(0, slots, v.reshape(B, Hkv, D))
     return q_rot
