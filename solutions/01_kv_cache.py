@@ -113,6 +113,15 @@ def static_append_truncates(k_buf, v_buf, length, k, v):
     return length + n
 
 
+def static_append_no_room_check(k_buf, v_buf, length, k, v):
+    """Writes without checking the room: past the end torch raises a shape error, not a ValueError that says
+    the cache is full."""
+    new = k.shape[0]
+    k_buf[length:length + new] = k
+    v_buf[length:length + new] = v
+    return length + new
+
+
 def static_append_forgets_length(k_buf, v_buf, length, k, v):
     """Writes correctly but returns the old length."""
     static_append(k_buf, v_buf, length, k, v)
@@ -151,6 +160,7 @@ def my_generate_drops_prompt(model, input_ids, max_new_tokens):
 MISTAKES = {
     "kv_cache_bytes": [kv_cache_bytes_forgets_v, kv_cache_bytes_forgets_batch, kv_cache_bytes_bits],
     "attend_with_cache": [attend_with_cache_no_mask, attend_with_cache_mask_from_zero, attend_with_cache_no_append],
-    "static_append": [static_append_from_zero, static_append_truncates, static_append_forgets_length],
+    "static_append": [static_append_from_zero, static_append_truncates, static_append_no_room_check,
+                      static_append_forgets_length],
     "my_generate": [my_generate_recompute, my_generate_new_cache_each_step, my_generate_drops_prompt],
 }

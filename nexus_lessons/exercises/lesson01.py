@@ -3,7 +3,8 @@
 1. `kv_cache_bytes(num_layers, seq_len, num_kv_heads, head_dim, bytes_per_elem, batch=1)`: the memory formula.
 2. `attend_with_cache(k_cache, v_cache, q, k, v)`: one head, one layer: append the new keys/values to a
    growing cache and attend; equal to recomputing causal attention over the whole sequence.
-3. `static_append(k_buf, v_buf, length, k, v)`: write new keys/values into preallocated buffers in place.
+3. `static_append(k_buf, v_buf, length, k, v)`: write new keys/values into preallocated buffers in place;
+   no room raises ValueError.
 4. `my_generate(model, input_ids, max_new_tokens)`: a cached greedy loop with `KVCache`, token-for-token
    equal to `generate(model, input_ids, max_new_tokens)` (no cache).
 """
@@ -187,7 +188,8 @@ def _as_length(x, what: str) -> int:
 @checker("static_append")
 def check_static_append(fn):
     """Appends chunks of awkward sizes into preallocated buffers full of random old values; checks the
-    written slots, that later slots are untouched, the returned length, and that overflow raises."""
+    written slots, that later slots are untouched, the returned length, and that an append with no room
+    raises ValueError before writing anything."""
     g = torch.Generator().manual_seed(103)
     n_cases = 0
     for d in (8, 24, 40):
@@ -219,15 +221,21 @@ def check_static_append(fn):
             fn(k_buf, v_buf, length, k_big, v_big)
         except NotImplementedError:
             raise
-        except Exception:
+        except ValueError:
             pass
+        except Exception as e:
+            raise ExerciseFailure(f"{call} raised {type(e).__name__}: {e}. Only {room} slots are free: check the room "
+                                  "yourself, before writing, and raise a ValueError that says the cache is full. An "
+                                  "error from an out-of-range write (a shape mismatch, an IndexError) names the symptom, "
+                                  "not the problem.") from None
         else:
-            raise ExerciseFailure(f"{call} should raise (only {room} slots are free), but it returned: a full cache "
-                                  "must fail loudly (raise a ValueError that says so), never drop tokens.")
+            raise ExerciseFailure(f"{call} should raise a ValueError (only {room} slots are free), but it returned: a "
+                                  "full cache must fail loudly, never drop tokens.")
         expect(torch.equal(k_buf, before_k) and torch.equal(v_buf, before_v),
                f"{call} raised, but wrote into the buffers first: check the room before writing.")
         n_cases += 1
-    return f"{n_cases} appends into 3 random buffers (prefill, single tokens, multi-token chunks, overflow)"
+    return (f"{n_cases} appends into 3 random buffers (prefill, single tokens, multi-token chunks, and a chunk with "
+            "no room: ValueError, nothing written)")
 
 
 # --- 4. the cached generation loop ----------------------------------------------------------------------
