@@ -8,9 +8,10 @@ dequantized copy anywhere: the scales are folded into the arithmetic instead.
   scale multiplies a column of the score tile, and the value scale a column of the probabilities before
   they meet V. The tile itself is converted to the dot's dtype exactly (int8 and e4m3 values are exact in
   bf16).
-* int4 keys, per-channel scale s and minimum z of one block: q . (l * s + z) = (q * s) . l + q . z: when a
-  tile lies inside one page the scale moves onto q (a [GROUP, D] multiply per tile instead of a [N, D]
-  one) and the minimum becomes one bias per query row; a tile that spans pages dequantizes element-wise.
+* int4 keys, per-channel scale s and minimum z of one block: q . (l * s + z) = (q * s) . l + q . z: in
+  decode, when a tile lies inside one page, the scale moves onto q (a [GROUP, D] multiply per tile instead
+  of a [N, D] one) and the minimum becomes one bias per query row; otherwise (extend's many query rows, or
+  a tile spanning pages) the tile is dequantized element-wise.
   int4 values, one scale per (token, head): folded into the probabilities like the 8-bit formats.
 * Every tile is handled as two halves of the head dimension, [0, D/2) and [D/2, D): the low and high
   nibbles of int4's packed bytes (the 8-bit formats use the same two-dot split, so one code path serves all).
@@ -75,12 +76,13 @@ def _quant_scores(
     q_lo, q_hi, q32_lo, q32_hi, KQ, KS, KZ, table, blk, in_block, n0, n_mask,
     stride_kb, stride_kt, stride_sb, stride_st, stride_zd, stride_btn, HALF,
     FMT: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     """Scores q . k over a tile of BLOCK_N quantized keys (not yet times 1/sqrt(D)): [rows of q, BLOCK_N].
 
     ``KQ``, ``KS``, ``KZ``: this KV head's data, scales and (int4) zeros; ``blk``/``in_block``: each key's
     page and offset in it. q_lo/q_hi: q's two halves in DOT_DTYPE; q32_lo/q32_hi: the same in float32.
+    FOLD (int4, a tile inside one page): scale q instead of the keys; worth it when q has few rows (decode).
     int4 key scales are [page, channel] (stride_sb, stride_zd); 8-bit ones [page, token] (stride_sb, stride_st).
     """
     offs_c = tl.arange(0, BLOCK_HALF)
@@ -91,27 +93,25 @@ def _quant_scores(
         b = tl.load(rows, mask=mask, other=0).to(tl.int32)
         lo = _u8_levels(b & 15)
         hi = _u8_levels(b >> 4)
-        if BLOCK_N <= PAGE_SIZE:  # one page: the channel scale goes onto q, the zero into one bias per row
+        if BLOCK_N <= PAGE_SIZE:  # one page, one set of channel scales and zeros for the whole tile
             page = tl.load(table + (n0 // PAGE_SIZE) * stride_btn).to(tl.int64)
-            meta = page * stride_sb + offs_c * stride_zd
-            s_lo = tl.load(KS + meta, mask=c_mask, other=0.0).to(tl.float32)
-            s_hi = tl.load(KS + meta + HALF * stride_zd, mask=c_mask, other=0.0).to(tl.float32)
-            z_lo = tl.load(KZ + meta, mask=c_mask, other=0.0).to(tl.float32)
-            z_hi = tl.load(KZ + meta + HALF * stride_zd, mask=c_mask, other=0.0).to(tl.float32)
-            bias = tl.sum(q32_lo * z_lo[None, :], 1) + tl.sum(q32_hi * z_hi[None, :], 1)
-            s = tl.dot((q32_lo * s_lo[None, :]).to(DOT_DTYPE), tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            s = tl.dot((q32_hi * s_hi[None, :]).to(DOT_DTYPE), tl.trans(hi.to(DOT_DTYPE)), s,
-                       input_precision=DOT_PRECISION)  # fmt: skip
-            s = s + bias[:, None]
-        else:  # keys from several pages: dequantize element-wise with each key's page's scales
+            meta = (page * stride_sb + offs_c * stride_zd)[None, :]
+            meta_mask = c_mask[None, :]
+        else:  # keys from several pages: each key's page's scales
             meta = blk[:, None] * stride_sb + offs_c[None, :] * stride_zd
-            hmeta = meta + HALF * stride_zd
-            k_lo = lo * tl.load(KS + meta, mask=mask, other=0.0).to(tl.float32) + tl.load(
-                KZ + meta, mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-            k_hi = hi * tl.load(KS + hmeta, mask=mask, other=0.0).to(tl.float32) + tl.load(
-                KZ + hmeta, mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-            s = tl.dot(q_lo, tl.trans(k_lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            s = tl.dot(q_hi, tl.trans(k_hi.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
+            meta_mask = mask
+        s_lo = tl.load(KS + meta, mask=meta_mask, other=0.0).to(tl.float32)
+        s_hi = tl.load(KS + meta + HALF * stride_zd, mask=meta_mask, other=0.0).to(tl.float32)
+        z_lo = tl.load(KZ + meta, mask=meta_mask, other=0.0).to(tl.float32)
+        z_hi = tl.load(KZ + meta + HALF * stride_zd, mask=meta_mask, other=0.0).to(tl.float32)
+        if FOLD and BLOCK_N <= PAGE_SIZE:  # the scale goes onto q, the zero into one bias per query row
+            bias = tl.sum(q32_lo * z_lo, 1) + tl.sum(q32_hi * z_hi, 1)
+            s = tl.dot((q32_lo * s_lo).to(DOT_DTYPE), tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            s = tl.dot((q32_hi * s_hi).to(DOT_DTYPE), tl.trans(hi.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
+            s = s + bias[:, None]
+        else:  # dequantize the tile element-wise
+            s = tl.dot(q_lo, tl.trans((lo * s_lo + z_lo).to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            s = tl.dot(q_hi, tl.trans((hi * s_hi + z_hi).to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
     else:
         lo = _levels8(tl.load(rows, mask=mask, other=0), FMT)
         hi = _levels8(tl.load(rows + HALF, mask=mask, other=0), FMT)
@@ -176,7 +176,7 @@ def _quant_range(
     acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q32_lo, q32_hi, KQ, VQ, KS, VS, KZ, table, start, end, qk_scale,
     stride_kb, stride_kt, stride_ksb, stride_kst, stride_kzd, stride_vsb, stride_vst, stride_btn, HALF,
     FMT: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of every row of q over quantized tokens [start, end) of one sequence (all visible;
     start a multiple of BLOCK_N). K and V share one layout, so their data strides are the same."""
@@ -187,7 +187,7 @@ def _quant_range(
         in_block = offs_n % PAGE_SIZE
         s = _quant_scores(q_lo, q_hi, q32_lo, q32_hi, KQ, KS, KZ, table, blk, in_block, n0, n_mask,
                           stride_kb, stride_kt, stride_ksb, stride_kst, stride_kzd, stride_btn, HALF,
-                          FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION) * qk_scale  # fmt: skip
+                          FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION, FOLD) * qk_scale  # fmt: skip
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i, False)  # each tile has >= 1 visible key
         acc_lo, acc_hi = _quant_accumulate(p, acc_lo * alpha[:, None], acc_hi * alpha[:, None], VQ, VS, blk, in_block,
@@ -202,8 +202,9 @@ def _tail_range(
     BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over tokens [start, end) held in full precision in one tail slot, whose row 0 is
-    token ``first``. ``KT``/``VT`` point at the slot and this KV head."""
-    for n0 in range(start, end, BLOCK_N):
+    token ``first``. ``KT``/``VT`` point at the slot and this KV head. Runs once per sequence: not
+    pipelined, so it takes no shared memory from the main loop's stages."""
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=1):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         rows = (offs_n - first).to(tl.int64)
@@ -231,11 +232,15 @@ class QuantDecodeConfig:
 
 def default_quant_decode_config(fmt: str, page_size: int, device: torch.device) -> QuantDecodeConfig:
     """Fixed tiles (no autotune: the interpreter cannot run it, and decode shapes change every step).
-    int4 tiles stay inside one page where pages allow it, so the key scales fold into q."""
-    if device.type != "cuda":
-        return QuantDecodeConfig(block_n=min(32, page_size) if fmt == "int4" else 32, num_warps=4, num_stages=1)
+
+    int4 tiles stay inside one page, so the keys' per-page channel scales fold into q; a tile spanning
+    pages would gather the scales row by row (BLOCK_N / page times the traffic of the scales themselves).
+    """
     if fmt == "int4":
-        return QuantDecodeConfig(block_n=64 if page_size >= 64 else page_size if page_size >= 32 else 64)
+        return QuantDecodeConfig(block_n=min(page_size, 64 if device.type == "cuda" else 32),
+                                 num_stages=3 if device.type == "cuda" else 1)  # fmt: skip
+    if device.type != "cuda":
+        return QuantDecodeConfig(block_n=32, num_warps=4, num_stages=1)
     return QuantDecodeConfig(block_n=64)
 
 
@@ -295,7 +300,7 @@ def _quant_decode_kernel(
         KQ + kv_head * stride_kh, VQ + kv_head * stride_kh, KS + kv_head * stride_ksh, VS + kv_head * stride_vsh,
         KZ + kv_head * stride_ksh, table, start, tl.minimum(end, full), qk_scale,
         stride_kb, stride_kt, stride_ksb, stride_kst, stride_kzd, stride_vsb, stride_vst, stride_btn, HALF,
-        FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION,
+        FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION, True,
     )  # fmt: skip
     if FMT == 2:
         slot = tl.maximum(tl.load(TailSlots + b), 0).to(tl.int64)
@@ -431,8 +436,9 @@ class QuantExtendConfig:
 def default_quant_extend_config(fmt: str, page_size: int, device: torch.device) -> QuantExtendConfig:
     if device.type != "cuda":
         return QuantExtendConfig(block_m=16, block_n=min(16, page_size), num_warps=4, num_stages=1)
-    block_n = min(64, page_size) if fmt == "int4" and page_size >= 32 else 64
-    return QuantExtendConfig(block_m=64, block_n=block_n, num_warps=4, num_stages=2)
+    if fmt == "int4":  # unpacked nibbles and the folded q need more registers: 8 warps (4 spill, ptxas sm_90)
+        return QuantExtendConfig(block_m=64, block_n=64 if page_size >= 64 else 32, num_warps=8, num_stages=2)
+    return QuantExtendConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -493,7 +499,7 @@ def _quant_extend_kernel(
         KQ + kv_head * stride_kh, VQ + kv_head * stride_kh, KS + kv_head * stride_ksh, VS + kv_head * stride_vsh,
         KZ + kv_head * stride_ksh, table, 0, full, qk_scale,
         stride_kb, stride_kt, stride_ksb, stride_kst, stride_kzd, stride_vsb, stride_vst, stride_btn, HALF,
-        FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION,
+        FMT, PAGE_SIZE, BLOCK_N, BLOCK_HALF, DOT_DTYPE, DOT_PRECISION, False,
     )  # fmt: skip
     # 2. int4: the prefix's tokens still in the tail
     if FMT == 2:
