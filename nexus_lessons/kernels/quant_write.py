@@ -58,9 +58,10 @@ def _scale_exponent(amax, QMAX: tl.constexpr, QMAX_EXP: tl.constexpr):
 @triton.jit
 def _round_e4m3(y):
     """Round float32 y (|y| <= 448) to the nearest float8 e4m3 value, ties to even: spacing 2^(E-3) in
-    binade E, 2^-9 among the subnormals (E < -6)."""
+    binade E, 2^-9 among the subnormals (E < -6). A negative value that rounds to zero stays -0."""
     quantum = tl.maximum(_exponent(y), -6) - 3
-    return _rint(y * _pow2(-quantum)) * _pow2(quantum)
+    r = _rint(tl.abs(y) * _pow2(-quantum)) * _pow2(quantum)
+    return tl.where(y < 0.0, -r, r)
 
 
 @triton.jit
