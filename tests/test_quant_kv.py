@@ -468,3 +468,37 @@ def test_kernels_compile_for_sm90_without_spills():
     report = proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert "SPILLS" not in proc.stdout, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# the benchmark scripts' small modes
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_kv_quality_smoke(tmp_path):
+    import json
+
+    from nexus_lessons.bench import kv_quality
+
+    kv_quality.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kv_quality.json").read_text())
+    assert set(data["formats"]) == {"auto", "int8", "fp8", "int4"}
+    assert data["heldout"]["files"] and data["heldout"]["pip_version"]
+    assert all(not f.startswith(("encodings", "test")) for f in data["heldout"]["files"])
+    assert data["formats"]["auto"]["increase_pct"] == 0.0
+    assert data["formats"]["int4"]["bytes_per_token_per_layer"] < data["formats"]["int8"]["bytes_per_token_per_layer"]
+
+
+@pytest.mark.skipif(HAS_CUDA or pa is None, reason="the CPU smoke run, under the interpreter")
+def test_quant_decode_smoke_under_the_interpreter(tmp_path):
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "nexus_lessons.bench", "quant_decode", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "quant_decode.json").read_text())
+    rows = data["decode"][0]["formats"]
+    assert [(r["format"], r["block_size"]) for r in rows] == [("bf16", 16), ("int8", 16), ("fp8", 16), ("int4", 16), ("int4", 64)]
+    assert all(r["max_abs_err_vs_reference"] <= 2e-2 for r in rows[1:]) and not data["errors"]
+    assert data["extend"][0]["formats"][-1]["ms"] > 0

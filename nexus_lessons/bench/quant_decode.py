@@ -388,7 +388,7 @@ def compile_report(arch: int = 90) -> int:
     from ..kernels import quant_write as qw
     from ..kernels.quant_reference import empty_quantized_kv
 
-    types = dict(cc._TRITON_TYPES, **{torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"})
+    types = {**cc._TRITON_TYPES, torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
     saved_types, cc._TRITON_TYPES = cc._TRITON_TYPES, types
     kernels = {qa: ["_quant_decode_kernel", "_quant_extend_kernel"], qw: ["_quant_write_kernel", "_int4_complete_kernel"],
                pa: ["_write_kv_cache_kernel"]}  # fmt: skip
