@@ -27,7 +27,6 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,6 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30) -> float | N
         return None
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     ms = time_graph(lambda: x.sum(), device)
-    del x
     return nbytes / ms / 1e6
 
 
@@ -207,7 +205,7 @@ def decode_variants(fmt: str, page: int, batch: int, hkv: int) -> list[tuple[str
     if fmt == "int4":
         tiles = [C(page, 4, 4), C(page, 2, 3), C(page, 8, 3)] + ([C(32, 4, 3)] if page >= 32 else [C(32, 4, 3), C(64, 4, 3)])
     else:
-        tiles = [C(32, 4, 3), C(128, 4, 2), C(64, 8, 3), C(64, 2, 3), C(64, 4, 4)]
+        tiles = [C(32, 4, 3), C(128, 4, 2), C(64, 8, 3), C(64, 2, 3), C(64, 4, 4), C(32, 1, 3)]
     out = [(f"block_n={c.block_n} warps={c.num_warps} stages={c.num_stages}", c, None) for c in tiles]
     if batch * hkv < 132:
         out += [(f"splits={s}", None, s) for s in (16, 64)]
@@ -378,6 +376,33 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _compile_calls(fmt: str, page: int, qa, qw) -> dict[str, Callable[[], Any]]:
+    """Each launcher of one format at the benchmark's shapes and default GPU configs, on meta tensors."""
+    from ..kernels.quant_reference import empty_quantized_kv
+
+    meta, cuda = torch.device("meta"), torch.device("cuda")
+    kv = empty_quantized_kv(fmt, 4096, page, HKV, D, dtype=DTYPE, device=meta, num_tail=64)
+    q = torch.empty(64, HQ, D, device=meta, dtype=DTYPE)
+    tables = torch.empty(64, 256, device=meta, dtype=torch.int32)
+    ints = torch.empty(64, device=meta, dtype=torch.int32)
+    qx = torch.empty(4 * 512, HQ, D, device=meta, dtype=DTYPE)
+    kx = torch.empty(4 * 512, HKV, D, device=meta, dtype=DTYPE)
+    qsl = torch.empty(5, device=meta, dtype=torch.int32)
+    dcfg = qa.default_quant_decode_config(fmt, page, cuda)
+    ecfg = qa.default_quant_extend_config(fmt, page, cuda)
+    rows = torch.empty(64, HKV, D, device=meta, dtype=DTYPE)
+    slots = torch.empty(64, device=meta, dtype=torch.int64)
+    comp = torch.empty(4, 4, device=meta, dtype=torch.int32)
+    return {
+        "decode": lambda: qa.quant_decode_attention_triton(q, kv, tables, ints, None, ints, num_splits=1, config=dcfg),
+        "decode split": lambda: qa.quant_decode_attention_triton(q, kv, tables, ints, None, ints, num_splits=32, config=dcfg),
+        "extend": lambda: qa.quant_extend_attention_triton(qx, kv, tables[:4], ints[:4], qsl, kx, kx, None, ints[:4],
+                                                           max_query_len=512, config=ecfg),
+        "write": (lambda: qw.int4_write_kv_triton(rows, rows, kv, slots, comp)) if fmt == "int4"
+        else (lambda: qw.quant_write_kv_triton(rows, rows, kv, slots)),
+    }  # fmt: skip
+
+
 def compile_report(arch: int = 90) -> int:
     """Compile every quantized kernel at this benchmark's shapes and default configs for sm_<arch> with
     lesson 02's ``compile_check``; print registers, shared memory and spills; 1 if any failed. Must run
@@ -386,38 +411,17 @@ def compile_report(arch: int = 90) -> int:
     from ..kernels import paged_attention as pa
     from ..kernels import quant_attention as qa
     from ..kernels import quant_write as qw
-    from ..kernels.quant_reference import empty_quantized_kv
 
     types = {**cc._TRITON_TYPES, torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
     saved_types, cc._TRITON_TYPES = cc._TRITON_TYPES, types
     kernels = {qa: ["_quant_decode_kernel", "_quant_extend_kernel"], qw: ["_quant_write_kernel", "_int4_complete_kernel"],
                pa: ["_write_kv_cache_kernel"]}  # fmt: skip
-    meta, cuda = torch.device("meta"), torch.device("cuda")
     saved_sms = qa.num_sms
     qa.num_sms = lambda device: 132
     failed = 0
     try:
         for fmt, page in FORMATS[1:]:
-            kv = empty_quantized_kv(fmt, 4096, page, HKV, D, dtype=DTYPE, device=meta, num_tail=64)
-            q = torch.empty(64, HQ, D, device=meta, dtype=DTYPE)
-            tables = torch.empty(64, 256, device=meta, dtype=torch.int32)
-            ints = torch.empty(64, device=meta, dtype=torch.int32)
-            qx = torch.empty(4 * 512, HQ, D, device=meta, dtype=DTYPE)
-            kx = torch.empty(4 * 512, HKV, D, device=meta, dtype=DTYPE)
-            qsl = torch.empty(5, device=meta, dtype=torch.int32)
-            dcfg = qa.default_quant_decode_config(fmt, page, cuda)
-            ecfg = qa.default_quant_extend_config(fmt, page, cuda)
-            rows = torch.empty(64, HKV, D, device=meta, dtype=DTYPE)
-            slots = torch.empty(64, device=meta, dtype=torch.int64)
-            calls = {
-                "decode": lambda: qa.quant_decode_attention_triton(q, kv, tables, ints, None, ints, num_splits=1, config=dcfg),
-                "decode split": lambda: qa.quant_decode_attention_triton(q, kv, tables, ints, None, ints, num_splits=32,
-                                                                         config=dcfg),
-                "extend": lambda: qa.quant_extend_attention_triton(qx, kv, tables[:4], ints[:4], qsl, kx, kx, None, ints[:4],
-                                                                   max_query_len=512, config=ecfg),
-                "write": (lambda: qw.int4_write_kv_triton(rows, rows, kv, slots, torch.empty(4, 4, device=meta, dtype=torch.int32)))
-                if fmt == "int4" else (lambda: qw.quant_write_kv_triton(rows, rows, kv, slots)),
-            }  # fmt: skip
+            calls = _compile_calls(fmt, page, qa, qw)
             for what, call in calls.items():
                 saved = {(m, n): getattr(m, n) for m, ns in kernels.items() for n in ns}
                 sink: list = []

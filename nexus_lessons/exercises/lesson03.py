@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from . import ExerciseFailure, awkward_length, checker, describe, expect, expect_close, expect_shape, expect_tensor
+from . import (
+    ExerciseFailure,
+    awkward_length,
+    checker,
+    describe,
+    expect,
+    expect_close,
+    expect_shape,
+    expect_tensor,
+)
 
 __all__ = ["check_int4_scores", "check_quantize_int8", "check_quantize_keys_per_channel"]
 

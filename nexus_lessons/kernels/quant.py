@@ -20,11 +20,11 @@ import torch
 
 from . import quant_reference as ref
 from .dispatch import (
+    _FLOAT_DTYPES,
     Impl,
     _check_device,
     _check_dim,
     _check_int,
-    _FLOAT_DTYPES,
     _interpreter_env,
     _want_values,
     resolve_impl,

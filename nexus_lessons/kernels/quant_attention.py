@@ -28,7 +28,6 @@ The decode kernel follows lesson 02's (``paged_attention.py``): all query heads 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.quant import int4_write_kv, quant_decode_attention, quant_extend_attention, quant_write_kv
-from ..kernels.quant_reference import FORMATS, QuantizedKV, dequantize_k_int4, dequantize_v_int4, empty_quantized_kv
+from ..kernels.quant_reference import (
+    FORMATS,
+    QuantizedKV,
+    dequantize_k_int4,
+    dequantize_v_int4,
+    empty_quantized_kv,
+)
 
 KV_CACHE_DTYPES = ("auto", *FORMATS)
 
