@@ -502,3 +502,28 @@ def test_quant_decode_smoke_under_the_interpreter(tmp_path):
     assert [(r["format"], r["block_size"]) for r in rows] == [("bf16", 16), ("int8", 16), ("fp8", 16), ("int4", 16), ("int4", 64)]
     assert all(r["max_abs_err_vs_reference"] <= 2e-2 for r in rows[1:]) and not data["errors"]
     assert data["extend"][0]["formats"][-1]["ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (-m gpu): the compiled kernels at the benchmark's head shapes (Hq 32, Hkv 8, D 128, bf16)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt, block_size", [("int8", 16), ("fp8", 16), ("int4", 16), ("int4", 64)])
+def test_gpu_kernels_equal_their_references(fmt, block_size):
+    lens = [1, 2 * block_size, 1000, 3001, 77]  # a single token, an exact multiple, the rest not
+    kv, tables, ctx, tails = build_pool(fmt, lens, block_size, 8, 128, torch.bfloat16, seed=9)
+    q = torch.randn(len(lens), 32, 128, device=DEV).to(torch.bfloat16)
+    want = Q.quant_decode_attention(q, kv, tables, ctx, tail_slots=tails, impl="reference")
+    for splits in (None, 1, 7):
+        got = Q.quant_decode_attention(q, kv, tables, ctx, tail_slots=tails, impl="triton", num_splits=splits)
+        assert (got.float() - want.float()).abs().max().item() <= TOL[torch.bfloat16], f"decode splits={splits}"
+    q_lens = [1, 5, 600, 33, 77]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    qx = torch.randn(sum(q_lens), 32, 128, device=DEV).to(torch.bfloat16)
+    k_new, v_new = (torch.randn(sum(q_lens), 8, 128, device=DEV).to(torch.bfloat16) for _ in range(2))
+    want = Q.quant_extend_attention(qx, kv, tables, ctx, qsl, k_new, v_new, tail_slots=tails, impl="reference")
+    got = Q.quant_extend_attention(qx, kv, tables, ctx, qsl, k_new, v_new, tail_slots=tails, impl="triton")
+    assert (got.float() - want.float()).abs().max().item() <= TOL[torch.bfloat16], "extend"
