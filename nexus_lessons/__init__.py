@@ -9,6 +9,7 @@ from .kv_cache import CacheFullError, DynamicKVCache, KVCache
 from .loading import from_hf, load_model, save_pretrained
 from .model import Transformer
 from .paged import OutOfBlocksError, PagedKVCache
+from .quant import QuantizedKVCache
 from .sampling import logits_to_probs, sample_next
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "OutOfBlocksError",
     "PagedKVCache",
+    "QuantizedKVCache",
     "Transformer",
     "from_hf",
     "generate",

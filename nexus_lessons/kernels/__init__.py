@@ -13,6 +13,10 @@ Public ops (each checks its arguments, then runs Triton or the reference, see ``
 * ``paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=None,
   custom_mask=None)``: many new tokens per sequence, packed varlen, causal or tree-masked.
 
+Quantized KV pools (lesson 03, ``quant.py``; formats and references in ``quant_reference.py``):
+``quant_write_kv``, ``int4_write_kv``, ``quant_decode_attention``, ``quant_extend_attention`` over a
+``QuantizedKV`` (one layer's int8 / fp8 / int4 blocks and their scales), dequantizing in registers.
+
 The references (``*_ref``) take the same arguments. Triton itself is imported only when a kernel first
 runs, so ``TRITON_INTERPRET=1`` can still be set after ``import nexus_lessons`` on a CPU machine, as long
 as nothing imported triton before.
@@ -28,6 +32,8 @@ from .dispatch import (
     set_default_impl,
     write_kv_cache,
 )
+from .quant import int4_write_kv, quant_decode_attention, quant_extend_attention, quant_write_kv
+from .quant_reference import QuantizedKV
 from .reference import (
     gather_kv,
     paged_decode_attention_ref,
@@ -38,14 +44,19 @@ from .reference import (
 
 __all__ = [
     "Impl",
+    "QuantizedKV",
     "gather_kv",
     "get_default_impl",
+    "int4_write_kv",
     "interpreter_active",
     "paged_decode_attention",
     "paged_decode_attention_ref",
     "paged_prefill_attention",
     "paged_prefill_attention_ref",
     "prefill_visibility",
+    "quant_decode_attention",
+    "quant_extend_attention",
+    "quant_write_kv",
     "resolve_impl",
     "set_default_impl",
     "write_kv_cache",

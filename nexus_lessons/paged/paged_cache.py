@@ -27,6 +27,11 @@ packed rows, so only the cached prefix is gathered from the pages). All three co
 
 Running out of blocks raises `OutOfBlocksError` in `begin_forward`, before any layer runs and before
 any block table, refcount or free list has changed: catch it, free or preempt a sequence, retry.
+
+Quantized blocks (lesson 03). `kv_cache_dtype="int8" | "fp8" | "int4"` stores the pools quantized, with
+their scales beside them under the same block ids (`nexus_lessons.quant.pool`); `dtype` stays the
+compute dtype, and the writes and attention go through `nexus_lessons.kernels.quant`, which dequantize in
+registers. `self.k[layer]` / `self.v[layer]` are then the quantized blocks.
 """
 
 from __future__ import annotations
@@ -79,15 +84,27 @@ class PagedKVCache:
         *,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         _check_positive(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
                         block_size=block_size, num_blocks=num_blocks)
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
         dtype, device = as_dtype(dtype) or torch.get_default_dtype(), as_device(device)
-        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # self.k[layer]: one layer's pool
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quant = None  # the quantized pools and scales (lesson 03), or None for "auto"
+        if kv_cache_dtype == "auto":
+            shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)  # self.k[layer]: one layer's pool
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            from ..quant.pool import QuantizedPool
+
+            self.quant = QuantizedPool(kv_cache_dtype, num_layers, num_blocks, block_size, num_heads, head_dim,
+                                       dtype, device)  # fmt: skip
+            self.k, self.v = self.quant.data["k"], self.quant.data["v"]
+        self._quant_plan = None
         self.allocator = BlockAllocator(num_blocks)
         self.tables = BlockTables(self.allocator, block_size, copy_blocks=self._copy_blocks)
         self._computed: dict[int, int] = {}  # seq id -> tokens whose K/V are written
@@ -96,15 +113,19 @@ class PagedKVCache:
         self._clear_rows()
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+    def for_model(cls, model, num_blocks: int, block_size: int | None = None, kv_cache_dtype: str = "auto") -> PagedKVCache:
+        """Sized for `model`; `block_size` defaults to 16, and to 64 for int4 (its keys' quantization group:
+        the per-block scales then cost 0.5 bits per key, section 8 of lesson 03)."""
         c = model.config
+        block_size = block_size or (64 if kv_cache_dtype == "int4" else 16)
         return cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, num_blocks,
-                   dtype=model.dtype, device=model.device)
+                   dtype=model.dtype, device=model.device, kv_cache_dtype=kv_cache_dtype)
 
     # --- properties ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        """The compute dtype (K/V arrive and attention returns in it), whatever the blocks store."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
@@ -112,8 +133,8 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the K and V pools (all blocks, used or not)."""
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of the K and V pools (all blocks, used or not), scales and int4's tail slots included."""
+        return self.k.nbytes + self.v.nbytes if self.quant is None else self.quant.nbytes
 
     @property
     def num_free_blocks(self) -> int:
@@ -301,6 +322,9 @@ class PagedKVCache:
         )
         for s, d, n in zip(rows, done, n_new):
             self._computed[s] = d + n
+        if self.quant is not None:  # int4: which blocks fill now, and where each unfilled block's tail lives
+            live = {s: (self.tables.seqs[s].blocks, n) for s, n in self._computed.items()}
+            self._quant_plan = self.quant.plan(tables, [done[i] for i in active], [n_new[i] for i in active], live, dev)
         self._history.append(valid_cpu)
         self.seq_len += T
         before = torch.tensor(done, device=input_ids.device)[:, None]
@@ -329,6 +353,8 @@ class PagedKVCache:
         # The metadata is built here from the block tables, so the kernels need not re-check it (a GPU sync).
         check = self.validate_kernel_args
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        if self.quant is not None:
+            return self._attend_quantized(layer, q, k_new, v_new, plan)
         write_kv_cache(k_new, v_new, k_pool, v_pool, plan.slot_mapping, validate=check)
         if plan.decode:
             out = paged_decode_attention(
@@ -349,6 +375,24 @@ class PagedKVCache:
         if plan.valid is None:
             return out_packed.view(B, T, Hq, D).transpose(1, 2)
         out = q.new_zeros(B, T, Hq, D)  # padding queries get zeros: nothing real ever reads them
+        out[plan.valid] = out_packed
+        return out.transpose(1, 2)
+
+    def _attend_quantized(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                          plan: _ForwardPlan) -> torch.Tensor:  # fmt: skip
+        """`attend` for quantized blocks: quantize on write, then attend with the dequantizing kernels."""
+        check, qp, B, Hq, T, D = self.validate_kernel_args, self._quant_plan, *q.shape
+        self.quant.write(layer, k_new, v_new, plan.slot_mapping, qp, check)
+        if plan.decode:
+            out = self.quant.decode(layer, q[:, :, 0].contiguous(), plan.block_tables, plan.context_lens, qp,
+                                    plan.max_context_len, check)  # fmt: skip
+            return out[:, :, None]
+        q_packed = q.transpose(1, 2).reshape(B * T, Hq, D) if plan.valid is None else q.transpose(1, 2)[plan.valid]
+        out_packed = self.quant.extend(layer, q_packed.contiguous(), k_new, v_new, plan.block_tables, plan.context_lens,
+                                       plan.query_start_loc, qp, plan.max_query_len, check)  # fmt: skip
+        if plan.valid is None:
+            return out_packed.view(B, T, Hq, D).transpose(1, 2)
+        out = q.new_zeros(B, T, Hq, D)
         out[plan.valid] = out_packed
         return out.transpose(1, 2)
 
@@ -373,6 +417,9 @@ class PagedKVCache:
     # --- copy-on-write ---------------------------------------------------------------------------
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks src -> dst in every layer's K and V pool, on the device, in one op each."""
+        if self.quant is not None:
+            self.quant.copy_blocks(src, dst)
+            return
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
         self.k[:, d] = self.k[:, s]
@@ -382,7 +429,9 @@ class PagedKVCache:
         return (
             f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"block_size={self.block_size}, blocks={self.num_blocks} ({self.num_free_blocks} free), "
-            f"sequences={len(self.tables)}, dtype={self.dtype}, device={self.device})"
+            f"sequences={len(self.tables)}, dtype={self.dtype}, "
+            + ("" if self.quant is None else f"kv_cache_dtype={self.kv_cache_dtype}, ")
+            + f"device={self.device})"
         )
 
 
