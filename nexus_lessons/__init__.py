@@ -9,6 +9,7 @@ from .kv_cache import CacheFullError, DynamicKVCache, KVCache
 from .loading import from_hf, load_model, save_pretrained
 from .model import Transformer
 from .paged import OutOfBlocksError, PagedKVCache
+from .prefix import PrefixCache, RadixPrefixCache
 from .sampling import logits_to_probs, sample_next
 
 
@@ -29,6 +30,8 @@ __all__ = [
     "ModelConfig",
     "OutOfBlocksError",
     "PagedKVCache",
+    "PrefixCache",
+    "RadixPrefixCache",
     "Transformer",
     "from_hf",
     "generate",
