@@ -187,8 +187,8 @@ class PagedKVCache:
         """A new sequence sharing all of `seq_id`'s blocks (copy-on-write); returns its id."""
         child = self.tables.fork(seq_id)
         self._computed[child] = self._computed[seq_id]
-        if seq_id in self._token_ids:
-            self._token_ids[child] = list(self._token_ids[seq_id])
+        if seq_id in self._token_ids:  # what both have computed; each may go on differently
+            self._token_ids[child] = self._token_ids[seq_id][: self._computed[seq_id]]
         return child
 
     def free(self, seq_id: int, token_ids=None) -> int:

@@ -106,13 +106,14 @@ class RadixPrefixCache(BasePrefixCache):
         self._clock += 1
         table: list[int] = []
         node, pos = self.root, 0
-        for child, k in self._walk(tokens):
+        while pos < len(tokens) and tokens[pos] in node.children:
+            child = node.children[tokens[pos]]
+            k = _common_prefix(child.key, tokens, pos)
+            child.last_access = self._clock
             if k < len(child.key):
                 if pos + k == len(tokens):  # the sequence ends inside this edge: cached already
-                    child.last_access = self._clock
                     return 0
                 child = self._split(child, k)
-            child.last_access = self._clock
             _read_blocks(table, child)
             node, pos = child, pos + k
         if pos == len(tokens):
