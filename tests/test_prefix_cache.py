@@ -384,3 +384,22 @@ def test_random_insert_match_evict_free_never_leaks_or_serves_a_wrong_block(ops,
     cache.prefix_cache.clear()
     assert cache.num_free_blocks == num_blocks and cache.prefix_cache.blocks() == []
     assert len(cache.allocator.free_blocks()) == num_blocks
+
+
+# --- the benchmark's CPU smoke mode ---------------------------------------------------------------------
+def test_prefix_ttft_benchmark_smoke(tmp_path):
+    """The GPU benchmark's code path on a tiny model: exactness asserted (generate and the planned first
+    forward the GPU captures as a graph), timings and the chat's hit rate equal to its ideal written."""
+    import json
+
+    from nexus_lessons.bench import prefix_ttft
+
+    prefix_ttft.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "prefix_ttft_smoke.json").read_text())
+    assert all(saved["check_float32"].values()) and len(saved["check_float32"]) == 8
+    assert saved["ttft"]["radix"]["prompt_tokens_served_from_cache"] == saved["prefix_len"]
+    assert saved["ttft"]["no prefix cache"]["prompt_tokens_served_from_cache"] == 0
+    assert all(saved["chat"][d]["equals_ideal"] and saved["chat"][d]["hit_rate"] > 0.3 for d in DESIGNS)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            prefix_ttft.main(["--out", str(tmp_path)])
