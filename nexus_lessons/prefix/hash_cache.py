@@ -34,8 +34,9 @@ HashFn = Callable[[int | None, tuple[int, ...]], int]
 
 
 def block_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
-    """The key of a full block: its tokens chained to the key of the block before it."""
-    return hash((parent_hash, tokens))
+    """The key of a full block: its tokens chained to the key of the block before it. (Python hashes
+    ints and tuples of ints the same in every process; None's hash can vary, hence the -1.)"""
+    return hash((-1 if parent_hash is None else parent_hash, tokens))
 
 
 @dataclass(eq=False)
