@@ -18,6 +18,7 @@ of requests and evictions, keeping a snapshot per step, so a notebook can step t
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 from ..paged.block_allocator import BlockAllocator
@@ -152,6 +153,7 @@ def draw_radix_tree(source, ax=None, *, words: list[str] | None = None, title: s
     ax.axis("off")
     heading = title if title is not None else snap.label
     used = snap.num_blocks - snap.num_free
+    heading = textwrap.fill(heading, 75, subsequent_indent="    ")
     ax.set_title(f"{heading}\npool: {used} blocks in use, {snap.num_evictable} cached and evictable, "
                  f"{snap.num_free - snap.num_evictable} free (of {snap.num_blocks}; block size {snap.block_size})",
                  fontsize=9, loc="left")
@@ -193,7 +195,7 @@ class RadixStepper:
         blocks, hit = self.cache.match(prompt[:-1])
         seq = self.tables.add_sequence(blocks, hit)
         path = {self._ids(n) for n, _ in self.cache._walk(prompt[:hit])} if hit else set()
-        shared = " (its last block is partly full: shared, copied before writing)" if hit % self.tables.block_size else ""
+        shared = " (ends mid-block: that block is shared, copied before writing)" if hit % self.tables.block_size else ""
         self._record(f"match '{_text(prompt, self.words, 8)}': {hit} of {len(prompt)} tokens cached{shared}",
                      matched=path)
         copies = self.tables.num_copies
