@@ -349,7 +349,8 @@ def test_random_insert_match_evict_free_never_leaks_or_serves_a_wrong_block(ops,
         toks = tokens.pop(seq)
         done = cache.num_tokens(seq)
         cache.free(seq, toks if with_tokens else None)
-        finished.append(toks[:done])
+        if done:
+            finished.append(toks[:done])
 
     for kind, pick, n, which in ops:
         live = cache.sequences
