@@ -293,7 +293,7 @@ def test_random_insert_match_evict_free_never_leaks_or_serves_a_wrong_block(ops,
     earlier requests' tokens. After every step: refcounts count exactly the block tables and the cache's
     references, the evictable blocks are exactly the cached ones nobody uses, and every live sequence
     reads back exactly its own prefix codes (no wrong hit, no write into a shared block, no block in use
-    evicted or handed out again)."""
+    evicted or handed out again). A forward the pool cannot hold changes nothing, the cache included."""
     cache = PagedKVCache(1, 1, 1, block_size, num_blocks, dtype=torch.float64,
                          prefix_cache=_make_prefix_cache(design))
     codes: dict[tuple[int, ...], float] = {}
@@ -336,10 +336,12 @@ def test_random_insert_match_evict_free_never_leaks_or_serves_a_wrong_block(ops,
             tokens[seq].append(rng.randrange(1, 4))
         cache.bind([seq])
         before = {s: cache.block_table(s) for s in cache.sequences}
+        cached = sorted(cache.prefix_cache.blocks())
         try:
             cache.begin_forward(torch.zeros(1, n, dtype=torch.long))
-        except OutOfBlocksError:
+        except OutOfBlocksError:  # changes nothing, and evicts nothing either
             assert {s: cache.block_table(s) for s in cache.sequences} == before
+            assert sorted(cache.prefix_cache.blocks()) == cached
             return False
         for p, slot in enumerate(cache._plan.slot_mapping.tolist()):
             cache.k.view(-1)[slot] = code(tokens[seq][: done + p + 1])

@@ -116,10 +116,12 @@ class BlockAllocator:
         """`n` free blocks at once, or none: the check comes before any block is taken."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"cannot allocate {n!r} blocks")
-        if n > len(self._free) and self._evictable and self.evictor is not None:
+        if n > self.num_free:  # checked first: a failed allocation evicts nothing either
+            raise OutOfBlocksError(n, self.num_free, self.num_blocks, what)
+        if n > len(self._free) and self.evictor is not None:
             self.evictor(n - len(self._free))  # cached blocks nobody uses make room
         if n > len(self._free):
-            raise OutOfBlocksError(n, self.num_free, self.num_blocks, what)
+            raise RuntimeError(f"the prefix cache's evictor left {len(self._free)} blocks free, {n} were needed")
         blocks = [heapq.heappop(self._free) for _ in range(n)]
         for b in blocks:
             self._refcount[b] = 1
