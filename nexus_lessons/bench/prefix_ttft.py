@@ -34,7 +34,7 @@ import torch
 from ..generate import generate
 from ..model import Transformer
 from ..paged import PagedKVCache
-from ..prefix.workloads import hit_rate, ideal_hit, multi_turn_chat
+from ..prefix.workloads import hit_rate, multi_turn_chat
 from .common import copy_bandwidth_gbs, environment, save_json
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -199,7 +199,7 @@ def time_ttft(model, prefix, fresh, reps, block_size, graphs: bool) -> dict:
     total = len(prefix) + len(fresh())
     caches = _caches(model, (reps + 4) * -(-total // block_size), block_size)
     result: dict = {}
-    for side, cache in caches.items():
+    for cache in caches.values():
         generate(model, [prefix + fresh()], 1, cache=cache)  # warm-up; fills the prefix cache
         generate(model, [prefix + fresh()], 1, cache=cache)
     ms = {side: [] for side in SIDES}
