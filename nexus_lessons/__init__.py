@@ -9,6 +9,7 @@ from .kv_cache import CacheFullError, DynamicKVCache, KVCache
 from .loading import from_hf, load_model, save_pretrained
 from .model import Transformer
 from .paged import OutOfBlocksError, PagedKVCache
+from .prefix import PrefixCache, RadixPrefixCache
 from .quant import QuantizedKVCache
 from .sampling import logits_to_probs, sample_next
 
@@ -30,6 +31,8 @@ __all__ = [
     "ModelConfig",
     "OutOfBlocksError",
     "PagedKVCache",
+    "PrefixCache",
+    "RadixPrefixCache",
     "QuantizedKVCache",
     "Transformer",
     "from_hf",

@@ -133,12 +133,15 @@ def generate(
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, mask = input_ids, attention_mask
-    step_input = input_ids
+    step_input, first_mask, prompts = input_ids, attention_mask, None
+    if getattr(cache, "prefix_cache", None) is not None:  # lesson 04: feed only what is not cached
+        step_input, first_mask, prompts = _reuse_cached_prefixes(cache, input_ids, attention_mask, pad)
+    first_input = step_input
     for _ in tqdm(range(max_new_tokens), disable=not progress, desc="generate", leave=False):
         if cache is None:
             logits = model(tokens, attention_mask=mask)[:, -1]
         else:
-            step_mask = mask if step_input is input_ids else None
+            step_mask = first_mask if step_input is first_input else None
             logits = model(step_input, cache=cache, attention_mask=step_mask)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -150,4 +153,22 @@ def generate(
             if bool(done.all()):
                 break
         step_input = nxt[:, None]
+    if prompts is not None:  # finished: each row's blocks stay cached for the next request
+        for seq_id, prompt, new in zip(cache.rows, prompts, tokens[:, T:].tolist()):
+            cache.free(seq_id, prompt + new)
+        cache.bind(None)
     return tokens
+
+
+def _reuse_cached_prefixes(cache, input_ids, attention_mask, pad_token_id):
+    """One sequence per row, each starting from the longest cached prefix of its prompt. Returns the
+    first step's input (the rest of each prompt, left-padded), its mask, and the prompts as lists
+    (read from the device once, here; generated ids are read once at the end)."""
+    rows = input_ids.tolist()
+    if attention_mask is not None:
+        rows = [[t for t, m in zip(r, ms) if m] for r, ms in zip(rows, attention_mask.tolist())]
+    seqs = [cache.add_sequence(r) for r in rows]
+    cache.bind(seqs)
+    rest = [r[cache.num_tokens(s):] for r, s in zip(rows, seqs)]
+    ids, mask = left_pad(rest, pad_token_id, input_ids.device)
+    return ids, (None if len({len(r) for r in rest}) == 1 else mask), rows

@@ -15,12 +15,20 @@ and a block returns to the free list only when its count reaches zero.
     alloc.incref(a)                   # a second sequence shares block a
     alloc.free(a); alloc.free(a)      # freed twice: back on the free list
     alloc.num_free                    # 7
+
+Prefix caching (lesson 04) adds one more kind of holder. A prefix cache `hold`s one reference to each
+block it caches, so a block that a sequence and the cache share has refcount >= 2 and copy-on-write
+protects it like any shared block. A cached block that only the cache holds is *evictable*: it counts
+as free (`num_free`), and an allocation that finds the free list short asks the cache's `evictor` to
+`release` some first, so the pool is never short because of blocks nobody uses.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from itertools import islice
 
 from ..kv_cache import CacheFullError
 
@@ -55,11 +63,31 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._refcount = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks))  # sorted, so already a valid heap
+        self._cached = [False] * num_blocks  # a prefix cache holds one reference to the block
+        # Cached blocks that only the cache holds, in the order they became so (least recently used first).
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Set by a prefix cache: evictor(n) releases cached blocks until n more are on the free list
+        # (or none is evictable any more).
+        self.evictor: Callable[[int], object] | None = None
 
     # --- queries ------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take now: the free list plus evictable cached blocks."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks that no sequence holds (counted in `num_free`)."""
+        return len(self._evictable)
+
+    def evictable_blocks(self, limit: int | None = None) -> list[int]:
+        """The evictable cached blocks (the first `limit` of them), least recently released first."""
+        return list(islice(self._evictable, limit))
+
+    def is_cached(self, block: int) -> bool:
+        self._check_id(block)
+        return self._cached[block]
 
     @property
     def num_used(self) -> int:
@@ -73,7 +101,7 @@ class BlockAllocator:
         return self.refcount(block) > 1
 
     def free_blocks(self) -> list[int]:
-        """The free block ids, in the order they would be handed out."""
+        """The block ids on the free list (evictable cached blocks not included), lowest first."""
         return sorted(self._free)
 
     # --- allocation ---------------------------------------------------------------------------
@@ -88,8 +116,12 @@ class BlockAllocator:
         """`n` free blocks at once, or none: the check comes before any block is taken."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"cannot allocate {n!r} blocks")
+        if n > self.num_free:  # checked first: a failed allocation evicts nothing either
+            raise OutOfBlocksError(n, self.num_free, self.num_blocks, what)
+        if n > len(self._free) and self.evictor is not None:
+            self.evictor(n - len(self._free))  # cached blocks nobody uses make room
         if n > len(self._free):
-            raise OutOfBlocksError(n, len(self._free), self.num_blocks, what)
+            raise RuntimeError(f"the prefix cache's evictor left {len(self._free)} blocks free, {n} were needed")
         blocks = [heapq.heappop(self._free) for _ in range(n)]
         for b in blocks:
             self._refcount[b] = 1
@@ -98,7 +130,7 @@ class BlockAllocator:
     def incref(self, block: int) -> None:
         """One more block table points at `block` (it must already be in use)."""
         self._check_used(block, "share")
-        self._refcount[block] += 1
+        self._take(block)
 
     def fork(self, blocks: Iterable[int]) -> list[int]:
         """Share every block of a block table with a new owner; returns the same ids as a new list."""
@@ -106,33 +138,68 @@ class BlockAllocator:
         for b in blocks:
             self._check_used(b, "share")
         for b in blocks:
-            self._refcount[b] += 1
+            self._take(b)
         return blocks
 
     def free(self, block: int) -> bool:
         """Drop one reference to `block`; True when that was the last one and it is free again."""
         self._check_used(block, "free")
+        if self._cached[block] and self._refcount[block] == 1:
+            raise ValueError(f"cannot free block {block}: only the prefix cache holds it (double free or stale "
+                             "block table); the cache gives it back with release()")
         self._refcount[block] -= 1
         if self._refcount[block] == 0:
             heapq.heappush(self._free, block)
             return True
+        if self._cached[block] and self._refcount[block] == 1:
+            self._evictable[block] = None  # the most recently released go last
         return False
 
     def free_many(self, blocks: Iterable[int]) -> int:
         """Drop one reference to each block; returns how many went back to the free list."""
         return sum(self.free(b) for b in blocks)
 
+    def _take(self, block: int) -> None:
+        self._refcount[block] += 1
+        if self._cached[block] and self._refcount[block] == 2:
+            del self._evictable[block]  # a sequence uses it again
+
+    # --- the prefix cache's reference ------------------------------------------------------------
+    def hold(self, block: int) -> None:
+        """A prefix cache takes its one reference to a block that a sequence holds (its K/V are written)."""
+        self._check_used(block, "cache")
+        if self._cached[block]:
+            raise ValueError(f"block {block} is cached already: a prefix cache holds one reference per block")
+        self._cached[block] = True
+        self._refcount[block] += 1
+
+    def release(self, block: int) -> bool:
+        """The prefix cache drops its reference (eviction); True when the block is free again."""
+        self._check_id(block)
+        if not self._cached[block]:
+            raise ValueError(f"cannot release block {block}: the prefix cache does not hold it")
+        self._cached[block] = False
+        self._evictable.pop(block, None)
+        self._refcount[block] -= 1
+        if self._refcount[block] == 0:
+            heapq.heappush(self._free, block)
+            return True
+        return False
+
     def reset(self) -> None:
-        """Every block free again (the caller forgets every block table at the same time)."""
+        """Every block free again (the caller forgets every block table, and any prefix cache its index)."""
         self._refcount = [0] * self.num_blocks
         self._free = list(range(self.num_blocks))
+        self._cached = [False] * self.num_blocks
+        self._evictable.clear()
 
     # --- checks -------------------------------------------------------------------------------
     def check_consistent(self, tables: Iterable[Iterable[int]] | None = None) -> None:
         """Assert the pool's invariants; with `tables`, also that the refcounts count exactly them.
 
-        Free blocks have refcount 0, used ones > 0, no id is free twice; and, given every live block
-        table, each block's refcount equals the number of tables that hold it (nothing leaked).
+        Free blocks have refcount 0, used ones > 0, no id is free twice, the evictable blocks are exactly
+        the cached ones only the cache holds; and, given every live block table (a prefix cache's blocks
+        count as one more table), each block's refcount equals the number of tables that hold it.
         """
         free = set(self._free)
         if len(free) != len(self._free):
@@ -140,6 +207,11 @@ class BlockAllocator:
         for b, rc in enumerate(self._refcount):
             if (b in free) != (rc == 0) or rc < 0:
                 raise AssertionError(f"block {b}: refcount {rc} but {'free' if b in free else 'in use'}")
+            if self._cached[b] and rc == 0:
+                raise AssertionError(f"block {b} is cached but free")
+            if (b in self._evictable) != (self._cached[b] and rc == 1):
+                raise AssertionError(f"block {b}: cached={self._cached[b]}, refcount {rc}, but "
+                                     f"{'' if b in self._evictable else 'not '}evictable")
         if tables is not None:
             counts = [0] * self.num_blocks
             for table in tables:

@@ -16,7 +16,8 @@ it on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from .block_allocator import BlockAllocator
@@ -47,11 +48,17 @@ class BlockTables:
         self.num_copies = 0  # copy-on-write block copies made so far (for the lesson's counters)
 
     # --- sequences ----------------------------------------------------------------------------
-    def add_sequence(self) -> int:
-        """A new, empty sequence (it holds no block until something is appended)."""
+    def add_sequence(self, shared_blocks: Seq[int] = (), num_tokens: int = 0) -> int:
+        """A new sequence: empty, or starting with `num_tokens` tokens held in `shared_blocks` (a cached
+        prefix, lesson 04: refcounts + 1, nothing copied; a partly filled last block is copied on write)."""
+        shared_blocks = list(shared_blocks)
+        if not isinstance(num_tokens, int) or num_tokens < 0 or len(shared_blocks) != _ceil_div(num_tokens, self.block_size):
+            raise ValueError(f"{num_tokens!r} tokens need {_ceil_div(max(num_tokens, 0), self.block_size)} blocks of "
+                             f"{self.block_size}; got {len(shared_blocks)}")
+        blocks = self.allocator.fork(shared_blocks)
         seq_id = self._next_id
         self._next_id += 1
-        self.seqs[seq_id] = Sequence(seq_id)
+        self.seqs[seq_id] = Sequence(seq_id, blocks, num_tokens)
         return seq_id
 
     def fork(self, seq_id: int) -> int:
@@ -66,7 +73,9 @@ class BlockTables:
         """Forget `seq_id`; returns how many of its blocks went back to the free list."""
         seq = self._get(seq_id)
         del self.seqs[seq_id]
-        return self.allocator.free_many(seq.blocks)
+        # Last block first: cached blocks become evictable in this order, so a cached prefix loses its
+        # tail before its head (a block is only reachable through the blocks before it).
+        return self.allocator.free_many(reversed(seq.blocks))
 
     def free_all(self) -> None:
         for seq_id in list(self.seqs):
@@ -177,17 +186,18 @@ class BlockTables:
         dropped = seq.blocks[keep:]
         del seq.blocks[keep:]
         seq.num_tokens = num_tokens
-        return self.allocator.free_many(dropped)
+        return self.allocator.free_many(reversed(dropped))
 
     # --- checks ---------------------------------------------------------------------------------
-    def check_consistent(self) -> None:
-        """Assert every invariant: table lengths match token counts, refcounts count the tables."""
+    def check_consistent(self, held_elsewhere: Iterable[Iterable[int]] = ()) -> None:
+        """Assert every invariant: table lengths match token counts, refcounts count the tables (and the
+        other holders, `held_elsewhere`: a prefix cache's blocks)."""
         for seq in self.seqs.values():
             if len(seq.blocks) != _ceil_div(seq.num_tokens, self.block_size):
                 raise AssertionError(
                     f"sequence {seq.seq_id}: {seq.num_tokens} slots but {len(seq.blocks)} blocks"
                 )
-        self.allocator.check_consistent(seq.blocks for seq in self.seqs.values())
+        self.allocator.check_consistent([*(seq.blocks for seq in self.seqs.values()), *held_elsewhere])
 
     def _get(self, seq_id: int) -> Sequence:
         try:

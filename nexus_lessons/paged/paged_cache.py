@@ -32,6 +32,25 @@ Quantized blocks (lesson 03). `kv_cache_dtype="int8" | "fp8" | "int4"` stores th
 their scales beside them under the same block ids (`nexus_lessons.quant.pool`); `dtype` stays the
 compute dtype, and the writes and attention go through `nexus_lessons.kernels.quant`, which dequantize in
 registers. `self.k[layer]` / `self.v[layer]` are then the quantized blocks.
+
+Prefix caching (lesson 04). With `prefix_cache="hash"` (vLLM's hash-chained full blocks), `"radix"`
+(SGLang's radix tree, token granularity) or a `PrefixCache` / `RadixPrefixCache` object, a new sequence
+starts from the longest cached prefix of its prompt, and a finished one leaves its blocks cached. The
+cache holds one reference per cached block in this pool, so a shared block is copied before anyone
+writes into it, and cached blocks no sequence uses count as free (`num_free_blocks`) and are evicted,
+least recently used first, when an allocation needs them. A scheduler drives it with three calls:
+
+    seq_id = cache.add_sequence(prompt_token_ids)   # attaches the longest cached prefix (never the whole
+    done = cache.num_tokens(seq_id)                 #   prompt: the last token is always computed)
+    forward_sequences(model, cache, [seq_id], [prompt_token_ids[done:]])  # then decode as usual
+    ...
+    cache.free(seq_id, token_ids)                   # finished or preempted: caches the K/V of token_ids
+                                                    #   (prompt + generated ids; those computed count)
+
+`cache_tokens(seq_id, token_ids)` caches a running sequence's full blocks now (after its prefill), so
+requests that arrive while it runs can share them. `reset()` frees every sequence the same way, with the
+prompts given to `add_sequence`; `prefix_hit_tokens` counts the prompt tokens served from the cache.
+`generate(model, ids, n, cache=cache)` does all of this for every row of a batch.
 """
 
 from __future__ import annotations
@@ -44,6 +63,8 @@ import torch
 from ..config import as_device, as_dtype
 from ..kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from ..kv_cache import _check_positive
+from ..prefix import make_prefix_cache
+from ..prefix.base import check_token_ids
 from .block_allocator import BlockAllocator, OutOfBlocksError
 from .block_table import BlockTables
 
@@ -71,7 +92,8 @@ class PagedKVCache:
     """A block-paged KV cache with copy-on-write sharing between sequences.
 
     `num_heads` is the number of key/value heads (fewer than query heads under GQA). Capacity is
-    `num_blocks * block_size` tokens over all sequences together.
+    `num_blocks * block_size` tokens over all sequences together. `prefix_cache`: None, "hash",
+    "radix", or a `PrefixCache` / `RadixPrefixCache` object (see the module docstring).
     """
 
     def __init__(
@@ -85,6 +107,7 @@ class PagedKVCache:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         kv_cache_dtype: str = "auto",
+        prefix_cache=None,
     ) -> None:
         _check_positive(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
                         block_size=block_size, num_blocks=num_blocks)
@@ -108,18 +131,24 @@ class PagedKVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.tables = BlockTables(self.allocator, block_size, copy_blocks=self._copy_blocks)
         self._computed: dict[int, int] = {}  # seq id -> tokens whose K/V are written
+        self.prefix_cache = make_prefix_cache(prefix_cache)
+        if self.prefix_cache is not None:
+            self.prefix_cache.bind(self.allocator, block_size)
+        self._token_ids: dict[int, list[int]] = {}  # seq id -> its known token ids (the prompt), for caching
+        self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache so far
         # Let the kernels re-check slots and block ids on CPU (cheap there); on a GPU it would be a sync.
         self.validate_kernel_args = self.device.type != "cuda"
         self._clear_rows()
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int | None = None, kv_cache_dtype: str = "auto") -> PagedKVCache:
+    def for_model(cls, model, num_blocks: int, block_size: int | None = None, *, kv_cache_dtype: str = "auto",
+                  prefix_cache=None) -> PagedKVCache:
         """Sized for `model`; `block_size` defaults to 16, and to 64 for int4 (its keys' quantization group:
         the per-block scales then cost 0.5 bits per key, section 8 of lesson 03)."""
         c = model.config
         block_size = block_size or (64 if kv_cache_dtype == "int4" else 16)
         return cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, num_blocks,
-                   dtype=model.dtype, device=model.device, kv_cache_dtype=kv_cache_dtype)
+                   dtype=model.dtype, device=model.device, kv_cache_dtype=kv_cache_dtype, prefix_cache=prefix_cache)
 
     # --- properties ---------------------------------------------------------------------------
     @property
@@ -138,6 +167,7 @@ class PagedKVCache:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks a new allocation can take (cached blocks that no sequence uses included)."""
         return self.allocator.num_free
 
     @property
@@ -157,23 +187,70 @@ class PagedKVCache:
         return self.v[layer]
 
     # --- the sequence API (what a scheduler uses) ----------------------------------------------
-    def add_sequence(self) -> int:
-        """A new, empty sequence; returns its id."""
-        seq_id = self.tables.add_sequence()
-        self._computed[seq_id] = 0
+    def add_sequence(self, prompt_token_ids=None) -> int:
+        """A new sequence; returns its id. Given its prompt's token ids and a prefix cache, it starts with
+        the longest cached prefix of the prompt (`num_tokens(seq_id)` says how long), never all of it."""
+        if prompt_token_ids is None:
+            seq_id = self.tables.add_sequence()
+            self._computed[seq_id] = 0
+            return seq_id
+        tokens = check_token_ids(prompt_token_ids, "prompt_token_ids")
+        if not tokens:
+            raise ValueError("empty prompt: prompt_token_ids needs at least one token")
+        blocks, n = [], 0
+        if self.prefix_cache is not None:
+            blocks, n = self.prefix_cache.match(tokens[:-1])  # the last token's logits are always computed
+        seq_id = self.tables.add_sequence(blocks, n)
+        self._computed[seq_id] = n
+        self._token_ids[seq_id] = tokens
+        self.prefix_hit_tokens += n
         return seq_id
 
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing all of `seq_id`'s blocks (copy-on-write); returns its id."""
         child = self.tables.fork(seq_id)
         self._computed[child] = self._computed[seq_id]
+        if seq_id in self._token_ids:  # what both have computed; each may go on differently
+            self._token_ids[child] = self._token_ids[seq_id][: self._computed[seq_id]]
         return child
 
-    def free(self, seq_id: int) -> int:
-        """Forget a sequence; returns how many blocks went back to the free list."""
+    def free(self, seq_id: int, token_ids=None) -> int:
+        """Forget a sequence; returns how many blocks went back to the free list.
+
+        With a prefix cache, its computed tokens are cached first: `token_ids` are the sequence's token
+        ids (prompt + generated; default: the prompt given to `add_sequence`)."""
+        self.cache_tokens(seq_id, token_ids, full_blocks_only=False)
         freed = self.tables.free(seq_id)
         del self._computed[seq_id]
+        self._token_ids.pop(seq_id, None)
         return freed
+
+    def cache_tokens(self, seq_id: int, token_ids=None, *, full_blocks_only: bool = True) -> int:
+        """Put a sequence's computed tokens in the prefix cache now; returns how many blocks it took.
+
+        A running sequence caches only its full blocks (its last block is still being written; caching it
+        would make the sequence copy it at its next token). `free` caches the partial block too."""
+        if seq_id not in self._computed:
+            self.tables.block_table(seq_id)  # raises the KeyError that names the problem
+        if self.prefix_cache is None:
+            return 0
+        known = self._token_ids.get(seq_id)
+        if token_ids is None:
+            if known is None:
+                return 0
+            tokens = known
+        else:
+            tokens = check_token_ids(token_ids)
+            if known is not None and tokens[:len(known)] != known[:len(tokens)]:
+                raise ValueError(f"token_ids of sequence {seq_id} do not start with the prompt it was added with")
+            if known is None or len(tokens) > len(known):
+                self._token_ids[seq_id] = tokens
+        n = min(self._computed[seq_id], len(tokens))
+        if full_blocks_only:
+            n -= n % self.block_size
+        if n == 0:
+            return 0
+        return self.prefix_cache.insert(tokens[:n], self.tables.seqs[seq_id].blocks[: -(-n // self.block_size)])
 
     def append_slots(self, seq_id: int, n: int) -> list[int]:
         """Reserve `n` more slots for a sequence (allocating / copying blocks now); returns the slots.
@@ -202,6 +279,8 @@ class PagedKVCache:
         """Keep a sequence's first `num_tokens` tokens (drop the rest, reservations too)."""
         freed = self.tables.truncate(seq_id, num_tokens)
         self._computed[seq_id] = min(self._computed[seq_id], num_tokens)
+        if seq_id in self._token_ids:  # later tokens may differ from the ones recorded
+            del self._token_ids[seq_id][num_tokens:]
         return freed
 
     def block_table(self, seq_id: int) -> list[int]:
@@ -239,16 +318,20 @@ class PagedKVCache:
 
     def check_consistent(self) -> None:
         """Assert that no block is leaked or double-owned (for tests and the lesson's checkers)."""
-        self.tables.check_consistent()
+        cached = self.prefix_cache
+        self.tables.check_consistent([cached.blocks()] if cached is not None else [])
+        if cached is not None:
+            cached.check_consistent()
         for s, n in self._computed.items():
             if not 0 <= n <= self.tables.num_tokens(s):
                 raise AssertionError(f"sequence {s}: {n} tokens written but {self.tables.num_tokens(s)} slots")
 
     # --- the model's cache protocol --------------------------------------------------------------
     def reset(self) -> None:
-        """Free every sequence (the pools are kept for reuse)."""
-        self.tables.free_all()
-        self._computed.clear()
+        """Free every sequence (the pools are kept for reuse; a prefix cache keeps what it cached, and
+        caches the prompts of the sequences freed here)."""
+        for seq_id in self.tables.seq_ids():
+            self.free(seq_id)
         self._clear_rows()
 
     def _clear_rows(self) -> None:
