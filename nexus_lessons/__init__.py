@@ -10,6 +10,7 @@ from .loading import from_hf, load_model, save_pretrained
 from .model import Transformer
 from .paged import OutOfBlocksError, PagedKVCache
 from .sampling import logits_to_probs, sample_next
+from .speculative import NGramSpeculator, SpeculativeDecoder
 
 
 def __getattr__(name: str):
@@ -27,8 +28,10 @@ __all__ = [
     "InferenceBenchmark",
     "KVCache",
     "ModelConfig",
+    "NGramSpeculator",
     "OutOfBlocksError",
     "PagedKVCache",
+    "SpeculativeDecoder",
     "Transformer",
     "from_hf",
     "generate",
