@@ -14,6 +14,8 @@ same code runs eagerly and inside a CUDA graph. Randomness comes in as uniforms 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -85,3 +87,26 @@ def accept_sampled(p: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tens
     rejected = (n < num_drafts)[:, None]
     dist = torch.where(rejected, residual(p_next, q_next), p_next)
     return n, sample_from(dist, u_next)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """Pearson's goodness-of-fit test of observed `counts` against `probs` (same shape, any number of cells).
+
+    Cells expected fewer than `min_expected` times are pooled into one (the chi-square approximation needs
+    it). Returns (statistic, degrees of freedom, p-value); a small p-value says the samples do not follow
+    `probs`.
+    """
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    n = counts.sum()
+    expected = probs / probs.sum() * n
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    if bool((obs[~keep] > 0).any()):
+        return math.inf, int(keep.sum()) - 1, 0.0  # samples where the distribution has no mass at all
+    obs, exp = obs[keep], exp[keep]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = int(obs.numel()) - 1
+    p = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, df, p
