@@ -269,3 +269,20 @@ def test_cuda_graph_path_equals_generate():
         assert dec.use_graph
         for _ in range(2):  # the second call replays the graphs captured by the first
             assert torch.equal(dec.generate(prompts, 40), want)
+
+
+def test_benchmark_smoke_run(tmp_path):
+    """`python -m nexus_lessons.bench speculative --smoke`: the whole script on toy models, JSON written."""
+    import json
+
+    from nexus_lessons.bench import speculative
+
+    speculative.main(["--out", str(tmp_path), "--smoke"])
+    data = json.loads((tmp_path / "speculative_cpu.json").read_text())
+    for workload in ("completion", "edit"):
+        w = data["workloads"][workload]
+        assert all(v for k, v in w["checks"].items() if not k.startswith("transformers")), w["checks"]
+        assert {"plain", "draft k=2", "ngram k=3", "transformers generate"} <= w["rows"].keys()
+        assert 0.0 <= w["alpha_teacher_forced"] <= 1.0 and w["rows"]["draft k=2"]["predicted_speedup"] > 0
+    assert speculative.expected_tokens(0.0, 4) == 1 and speculative.expected_tokens(1.0, 4) == 5
+    assert abs(speculative.expected_tokens(0.5, 2) - 1.75) < 1e-12
