@@ -29,6 +29,9 @@ from .ngram import NGramSpeculator
 from .rejection import accept_greedy, accept_sampled, draw_uniforms, sample_from
 
 
+MAX_EOS = 8
+
+
 class SlotKVCache:
     """A static KV cache for B rows, [B, Hkv, S, D] per layer, written at per-row slots held on the device.
 
@@ -95,7 +98,7 @@ class StaticSpeculator:
         self.length = torch.zeros(B, dtype=torch.long, device=dev)
         self.limit = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=dev)  # a fixed buffer: graphs read it
         self.drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         self.num_drafts = torch.zeros(B, dtype=torch.long, device=dev)
         self.q = None if self.greedy or self.draft_cache is None else torch.zeros(B, k, V, device=dev)
@@ -177,7 +180,10 @@ class StaticSpeculator:
         self.length.fill_(P)
         self.limit.fill_(P + max_new_tokens)
         self.done.zero_()
-        self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=self.device)
+        if len(eos) > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} eos ids, got {len(eos)}")
+        self.eos.fill_(-1)
+        self.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
         self.history.fill_(-1)
         self.proposed.fill_(-1)
         self.step_index.zero_()
