@@ -286,3 +286,23 @@ def test_benchmark_smoke_run(tmp_path):
         assert 0.0 <= w["alpha_teacher_forced"] <= 1.0 and w["rows"]["draft k=2"]["predicted_speedup"] > 0
     assert speculative.expected_tokens(0.0, 4) == 1 and speculative.expected_tokens(1.0, 4) == 5
     assert abs(speculative.expected_tokens(0.5, 2) - 1.75) < 1e-12
+
+
+def test_distilled_draft_starts_as_the_target_cut_down():
+    """tiny.distill's init: a one-layer draft of the target's shape computes what the target's first layer,
+    final norm and lm_head compute."""
+    from dataclasses import replace
+
+    from nexus_lessons.tiny.train import init_from_target
+
+    target, _ = _models("llama")
+    draft = Transformer(replace(target.config, num_hidden_layers=1))
+    init_from_target(draft, target)
+    ids = torch.tensor([[5, 9, 3, 200, 7]])
+    with torch.no_grad():
+        x = target.embed_tokens(ids)
+        cos, sin = target.rotary(torch.arange(5)[None], x.dtype)
+        want = target.lm_head(target.norm(target.layers[0](x, cos, sin)))
+        torch.testing.assert_close(draft(ids), want)
+    with pytest.raises(ValueError, match="layer shape"):
+        init_from_target(Transformer(replace(target.config, num_hidden_layers=1, intermediate_size=64)), target)

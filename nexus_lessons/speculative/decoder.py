@@ -31,7 +31,7 @@ from .batched import BatchedSpeculator
 from .ngram import NGramSpeculator
 from .static import StaticSpeculator, StepTimes
 
-CAPACITY_STEP = 256  # the static buffers grow in these steps, so nearby lengths reuse one CUDA graph
+CAPACITY_STEP = 32  # the static buffers grow in these steps, so nearby lengths reuse one CUDA graph
 
 
 @dataclass

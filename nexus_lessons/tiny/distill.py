@@ -105,15 +105,57 @@ def evaluate_drafts(target_dir, drafts: dict[str, Path | str], sets: dict[str, n
     return out
 
 
+CARD_BEGIN, CARD_END = "<!-- begin: tiny.distill -->", "<!-- end: tiny.distill -->"
+
+
+def card_section(r: dict[str, Any]) -> str:
+    """The model card's section on the shipped draft, written from distill.json."""
+    after, before = r["agreement"]["after"], r["agreement"]["before"]
+    m, t = after["model"], r["training"]
+    rows = [("greedy agreement with the target", "greedy_agreement"),
+            ("expected acceptance, T = 1", "expected_acceptance_t1"), ("draft loss (nats/token)", "draft_loss")]
+    table = ["| measure | before: held-out stdlib | before: pip | after: held-out stdlib | after: pip |",
+             "|---|---|---|---|---|"]
+    for label, key in rows:
+        table.append(f"| {label} | " + " | ".join(f"{x[s][key]}" for x in (before, after)
+                                                  for s in ("heldout_stdlib", "outside_stdlib")) + " |")
+    return "\n".join([
+        CARD_BEGIN,
+        "## The shipped draft: distilled by `tiny.distill`",
+        "",
+        f"`nexus-tiny-draft` is {m['num_hidden_layers']} layer of the target's shape (hidden {m['hidden_size']}, "
+        f"{m['num_attention_heads']} / {m['num_key_value_heads']} heads, SwiGLU {m['intermediate_size']}; "
+        f"{m['params']:,} parameters), started as the target's embedding, first layer and final norm and trained "
+        f"on KL(target || draft) over the whole vocabulary: {t['steps_done']} steps of {t['schedule']['batch_size']} "
+        f"x {t['schedule']['context']} tokens in {t['wall_s']} s ({r['device']}, {r['date']}).",
+        "",
+        f"Greedy agreement with the target, float32, before (the previous draft: "
+        f"{before['model']['num_hidden_layers']} layers, hidden {before['model']['hidden_size']}) and after, on "
+        f"{after['heldout_stdlib']['tokens']:,} held-out standard-library tokens and "
+        f"{after['outside_stdlib']['tokens']:,} tokens of pip {r['outside_stdlib']['pip_version']}'s sources "
+        "(code from outside the standard library); from `course/results/tiny_draft_distill.json`:",
+        "",
+        *table,
+        "",
+        f"Command: `{r['command']}`, then `python -m nexus_lessons.tiny.distill --install DIR`.",
+        CARD_END,
+    ])
+
+
 def install(src: Path, assets: Path = ASSETS, results: Path = RESULTS) -> None:
-    """Copy DIR/nexus-tiny-draft (weights + config) into the assets and DIR/distill.json into course/results."""
+    """Copy DIR/nexus-tiny-draft (weights + config) into the assets, DIR/distill.json into course/results,
+    and rewrite the model card's section on the draft from it."""
     dst = assets / "nexus-tiny-draft"
     for f in ("config.json", "model.safetensors"):
         (dst / f).write_bytes((src / "nexus-tiny-draft" / f).read_bytes())
     copy_tokenizer_files(assets / "tokenizer", dst)
     load_model(dst)  # fails loudly on anything malformed
     results.write_bytes((src / "distill.json").read_bytes())
-    log(f"installed {dst} and {results}")
+    card = assets / "MODEL_CARD.md"
+    text = card.read_text()
+    head, rest = text.split(CARD_BEGIN, 1)
+    card.write_text(head + card_section(json.loads(results.read_text())) + rest.split(CARD_END, 1)[1])
+    log(f"installed {dst}, {results} and the draft section of {card}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
