@@ -38,6 +38,7 @@ class SlotKVCache:
     `slot[b]` is where row b's next forward starts writing, `start[b]` its first real slot (left padding
     before it). A forward of T tokens writes slots slot..slot+T-1 of every row; query t of row b sees
     the real slots up to its own. The owner moves `slot` (the cache never does): that is the rollback.
+    `keys_in_use`, when set, bounds the slots attention reads (eager runs know it; a CUDA graph reads all).
     """
 
     def __init__(self, model, batch_size: int, max_seq_len: int) -> None:
@@ -50,13 +51,14 @@ class SlotKVCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self._rows = torch.arange(batch_size, device=dev)[:, None]
         self._keys = torch.arange(max_seq_len, device=dev)
+        self.keys_in_use: int | None = None
 
     def begin_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"this cache holds {self.batch_size} rows, got a batch of {B}")
         idx = self.slot[:, None] + torch.arange(T, device=input_ids.device)  # [B, T] write slots
-        j = self._keys
+        j = self._keys[: self.keys_in_use]
         mask = (j >= self.start[:, None, None]) & (j <= idx[..., None])
         mask |= j == idx[..., None]  # a padding query sees itself: no fully masked row (NaN)
         self._idx, self._mask = idx, mask[:, None]
@@ -65,7 +67,8 @@ class SlotKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.k[layer][self._rows, :, self._idx] = k.transpose(1, 2)
         self.v[layer][self._rows, :, self._idx] = v.transpose(1, 2)
-        return sdpa(q, self.k[layer], self.v[layer], self._mask)
+        S = self._mask.shape[-1]
+        return sdpa(q, self.k[layer][:, :, :S], self.v[layer][:, :, :S], self._mask)
 
 
 @dataclass
@@ -174,6 +177,7 @@ class StaticSpeculator:
             if cache is not None:
                 cache.start.copy_(start)
                 cache.slot.zero_()
+        self._bound_keys(P)
         self.target(ids[:, : P - 1], cache=self.target_cache)  # every prompt token but the last
         if self.draft_cache is not None and P > 2:
             self.draft(ids[:, : P - 2], cache=self.draft_cache)  # the first draft phase feeds the last two
@@ -195,6 +199,7 @@ class StaticSpeculator:
 
     def _capture(self) -> None:
         """Warm up off the capture stream, put the state back, then record each phase once."""
+        self._bound_keys(None)  # a graph is recorded once, so it reads every slot
         saved = [t.clone() for t in (self.length, self.done, self.step_index, self.history, self.proposed)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -233,6 +238,11 @@ class StaticSpeculator:
                 times.verify_s += b.elapsed_time(c) / 1e3
             times._events.clear()
 
+    def _bound_keys(self, n: int | None) -> None:
+        for cache in (self.target_cache, self.draft_cache):
+            if cache is not None:
+                cache.keys_in_use = n
+
     def _one_step(self, times: StepTimes | None) -> None:
         if self.use_graph:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if times is not None else None
@@ -247,6 +257,8 @@ class StaticSpeculator:
                 times._events.append(ev)
             return
         t0 = time.perf_counter()
+        # Eager: attention need not read past the furthest slot this step writes.
+        self._bound_keys(min(int(self.length.max()) + self.k, self.capacity))
         self.draft_phase()
         t1 = time.perf_counter()
         self.verify_phase()
