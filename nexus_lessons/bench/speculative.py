@@ -106,11 +106,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_sides(sides: dict[str, Callable[[list[int]], Any]], prompts: list[list[int]], reps: int, device
-               ) -> dict[str, list[float]]:
-    """Seconds per repetition (all prompts), for each side; sides interleaved within a repetition so that
-    a slow patch of a shared machine hits them alike."""
+def time_sides(sides: dict[str, Callable[[list[int]], Any]], prompts: list[list[int]], reps: int, device,
+               decoders: dict[str, SpeculativeDecoder]) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Seconds per repetition (all prompts) for each side, sides interleaved within a repetition so that a
+    slow patch of a shared machine hits them alike; and, for our decoders, their phase timers and
+    acceptance summed over the same timed calls."""
     totals = {name: [0.0] * reps for name in sides}
+    phases = {name: dict(draft_s=0.0, verify_s=0.0, steps=0, kept=0, offered=0, rejections=0, tokens=0)
+              for name in decoders}
     for r in range(reps):
         for ids in prompts:
             for name, fn in sides.items():
@@ -119,7 +122,16 @@ def time_sides(sides: dict[str, Callable[[list[int]], Any]], prompts: list[list[
                 fn(ids)
                 _sync(device)
                 totals[name][r] += time.perf_counter() - t0
-    return totals
+                if name in decoders:
+                    s, ph = decoders[name].last_stats, phases[name]
+                    ph["draft_s"] += s.draft_time_s
+                    ph["verify_s"] += s.verify_time_s
+                    ph["steps"] += s.steps
+                    ph["kept"] += sum(s.accepted_per_step)
+                    ph["offered"] += sum(s.proposed_per_step)
+                    ph["rejections"] += sum(a < p for a, p in zip(s.accepted_per_step, s.proposed_per_step))
+                    ph["tokens"] += s.new_tokens
+    return totals, phases
 
 
 def speedups(totals: dict[str, list[float]], base: str) -> dict[str, float]:
@@ -162,11 +174,11 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
                                                             do_sample=False, **kw))
             check[side] = all(gen(ids)[0].tolist() == want[i] for i, ids in enumerate(prompts))
             sides[side] = gen
-    totals = time_sides(sides, prompts, args.reps, dev)
+    totals, phases = time_sides(sides, prompts, args.reps, dev, decoders)
     ratio = speedups(totals, "plain")
     if hf is not None:
         hf_ratio = speedups(totals, "transformers generate")
-    t_target = statistics.median(totals["plain"]) / (len(prompts) * n)  # seconds per token, plain decode
+    t_target = sum(totals["plain"]) / (args.reps * len(prompts) * n)  # seconds per token, plain decode
 
     # alpha measured on its own: the draft's greedy guesses along the target's output
     matches = positions = 0
@@ -183,12 +195,11 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
             row["speedup_over_transformers_generate"] = hf_ratio[side]
         dec = decoders.get(side)
         if dec is not None:
-            k = dec.k
-            stats = _pooled_stats(dec, [t_in(ids) for ids in prompts], n)
-            c = stats["draft_s"] / (stats["steps"] * k) / t_target
-            v = stats["verify_s"] / stats["steps"] / t_target
-            row.update(k=k, tokens_per_step=stats["tokens_per_step"], acceptance_rate=stats["acceptance_rate"],
-                       alpha_from_run=stats["alpha"], c=c, v=v)
+            k, ph = dec.k, phases[side]
+            c = ph["draft_s"] / (ph["steps"] * k) / t_target
+            v = ph["verify_s"] / ph["steps"] / t_target
+            row.update(k=k, tokens_per_step=ph["tokens"] / ph["steps"], acceptance_rate=ph["kept"] / max(ph["offered"], 1),
+                       alpha_from_run=ph["kept"] / max(ph["kept"] + ph["rejections"], 1), c=c, v=v)
             if side.startswith("draft"):
                 row["predicted_speedup"] = predicted_speedup(alpha_tf, k, c, v)
                 row["predicted_speedup_v1"] = predicted_speedup(alpha_tf, k, c, 1.0)
@@ -201,22 +212,6 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
     return {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": n,
             "target_seconds_per_token": t_target, "alpha_teacher_forced": alpha_tf, "checks": check,
             "best_draft": best_draft, "best_ngram": best_ngram, "rows": rows}
-
-
-def _pooled_stats(dec: SpeculativeDecoder, prompts, n) -> dict[str, float]:
-    """Phase times and acceptance of one untimed pass over the prompts (the timers, not the wall clock)."""
-    draft_s = verify_s = 0.0
-    steps = kept = offered = rejections = tokens = 0
-    for ids in prompts:
-        dec.generate(ids, n)
-        s = dec.last_stats
-        draft_s, verify_s, steps = draft_s + s.draft_time_s, verify_s + s.verify_time_s, steps + s.steps
-        kept += sum(s.accepted_per_step)
-        offered += sum(s.proposed_per_step)
-        rejections += sum(a < p for a, p in zip(s.accepted_per_step, s.proposed_per_step))
-        tokens += s.new_tokens
-    return {"draft_s": draft_s, "verify_s": verify_s, "steps": steps, "tokens_per_step": tokens / steps,
-            "acceptance_rate": kept / max(offered, 1), "alpha": kept / max(kept + rejections, 1)}
 
 
 # --- the 1B projection (GPU) ---------------------------------------------------------------------------------
