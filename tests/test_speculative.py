@@ -306,3 +306,26 @@ def test_distilled_draft_starts_as_the_target_cut_down():
         torch.testing.assert_close(draft(ids), want)
     with pytest.raises(ValueError, match="layer shape"):
         init_from_target(Transformer(replace(target.config, num_hidden_layers=1, intermediate_size=64)), target)
+
+
+def test_distill_smoke_run_and_install(tmp_path):
+    """`python -m nexus_lessons.tiny.distill --smoke`: a few CPU steps through the whole script, then
+    `--install` into a copy of the assets (weights, JSON, the model card's section)."""
+    import json
+    import shutil
+
+    from nexus_lessons.loading import ASSETS, load_model
+    from nexus_lessons.tiny import distill
+
+    results = distill.main(["--out", str(tmp_path / "run"), "--smoke"])
+    assert results["agreement"]["after"]["model"]["num_hidden_layers"] == 1
+    for s in ("heldout_stdlib", "outside_stdlib"):
+        assert 0 <= results["agreement"]["after"][s]["greedy_agreement_on_target_output"] <= 1
+    assets = tmp_path / "assets"
+    shutil.copytree(ASSETS, assets)
+    distill.install(tmp_path / "run", assets=assets, results=tmp_path / "distill.json")
+    model, tok = load_model(assets / "nexus-tiny-draft")
+    assert model.config.num_hidden_layers == 1 and tok is not None
+    card = (assets / "MODEL_CARD.md").read_text()
+    assert "1 layer of the target's shape" in card and card.count(distill.CARD_BEGIN) == 1
+    assert json.loads((tmp_path / "distill.json").read_text())["smoke"] is True

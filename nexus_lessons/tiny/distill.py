@@ -11,6 +11,13 @@ then it can start as the target itself, cut down to its embedding, its first lay
 and learn from the target's distributions (KL(target || draft) over the whole vocabulary at every
 position, never the corpus' next tokens: the draft's job is to guess the target, mistakes included).
 
+What it learns on. Speculative decoding asks the draft to continue the *target's* text, which drifts
+from the corpus (a small model's greedy output loops and repeats itself). So a third of the training
+stream is the target's own continuations of corpus windows, half greedy and half sampled at
+temperature 1 (on-policy data, as in DistillSpec), generated at the start of the run; the rest is the
+corpus. Agreement is reported both on real held-out text and along the target's own greedy output,
+the quantity a greedy speculative step depends on.
+
 What it writes into DIR: `nexus-tiny-draft/` (config.json, model.safetensors in bf16, tokenizer files;
 transformers' AutoModelForCausalLM loads it) and `distill.json`: the recipe, the training log, and greedy
 agreement with the target before (the shipped draft) and after, on held-out standard-library files and
@@ -31,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..generate import generate
 from ..loading import ASSETS, load_model
 from ..model import Transformer
 from .corpus import Document, build_splits, load_tokens, read_source, tokenize_documents
@@ -85,23 +93,60 @@ def corpus_tokens(tokens_file: Path | None, tokenizer_dir: Path) -> tuple[np.nda
     return train, heldout, {**splits.summary(), "python": sys.version.split()[0]}
 
 
-def agreement(target, draft, tokens: np.ndarray, context: int, max_tokens: int) -> dict[str, Any]:
+def windows_of(tokens: np.ndarray, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`rows` random windows of `length` tokens, [rows, length] int64."""
+    starts = torch.randint(0, tokens.size - length, (rows,), generator=generator).tolist()
+    return torch.stack([torch.from_numpy(tokens[s:s + length].astype(np.int64)) for s in starts])
+
+
+@torch.no_grad()
+def target_continuations(target, tokens: np.ndarray, *, rounds: int, rows: int, prompt_len: int, new_tokens: int,
+                         seed: int, eos: int) -> np.ndarray:
+    """The target's own text: continuations of random corpus windows, alternately greedy and sampled at
+    temperature 1, as one flat uint16 stream (eos between sequences)."""
+    g = torch.Generator().manual_seed(seed)
+    sampler = torch.Generator(device=target.device).manual_seed(seed)
+    pieces = []
+    for r in range(rounds):
+        prompts = windows_of(tokens, rows, prompt_len, g).to(target.device)
+        out = generate(target, prompts, new_tokens, cache="static", temperature=0.0 if r % 2 == 0 else 1.0,
+                       generator=sampler)
+        for row in out.cpu().numpy():
+            pieces += [np.array([eos]), row]
+    return np.concatenate(pieces).astype(np.uint16)
+
+
+@torch.no_grad()
+def agreement_on_target_output(target, draft, tokens: np.ndarray, *, rows: int, prompt_len: int,
+                               new_tokens: int, seed: int = 1234) -> float:
+    """How often the draft's greedy token equals the target's along the target's own greedy continuation
+    of held-out windows (what a greedy speculative step accepts)."""
+    prompts = windows_of(tokens, rows, prompt_len, torch.Generator().manual_seed(seed)).to(target.device)
+    full = generate(target, prompts, new_tokens, cache="static")
+    guess = draft(full)[:, prompt_len - 1:-1].argmax(-1)
+    return round(float((guess == full[:, prompt_len:]).float().mean()), 4)
+
+
+def agreement(target, draft, tokens: np.ndarray, context: int, max_tokens: int, rows: int) -> dict[str, Any]:
     m = heldout_metrics(target, draft, tokens[:max_tokens], context)
     return {"tokens": m["tokens"], "greedy_agreement": m["greedy_agreement"],
             "expected_acceptance_t1": m["expected_acceptance_t1"], "draft_loss": m["draft"]["loss"],
-            "target_loss": m["target"]["loss"]}
+            "target_loss": m["target"]["loss"],
+            "greedy_agreement_on_target_output": agreement_on_target_output(
+                target, draft, tokens, rows=rows, prompt_len=64, new_tokens=128)}
 
 
 def evaluate_drafts(target_dir, drafts: dict[str, Path | str], sets: dict[str, np.ndarray], device, context: int,
-                    max_tokens: int) -> dict[str, Any]:
+                    max_tokens: int, rows: int = 64) -> dict[str, Any]:
     """Greedy agreement (and T=1 acceptance) of each draft with the target, in float32, on each token set."""
     target, _ = load_model(target_dir, device=device, dtype=torch.float32, tokenizer=False)
     out = {}
     for name, path in drafts.items():
         draft, _ = load_model(path, device=device, dtype=torch.float32, tokenizer=False)
         out[name] = {"model": model_summary(draft),
-                     **{s: agreement(target, draft, toks, context, max_tokens) for s, toks in sets.items()}}
-        log(f"{name}: " + ", ".join(f"{s} agreement {out[name][s]['greedy_agreement']}" for s in sets))
+                     **{s: agreement(target, draft, toks, context, max_tokens, rows) for s, toks in sets.items()}}
+        log(f"{name}: " + ", ".join(f"{s} agreement {out[name][s]['greedy_agreement']} (along the target's "
+                                    f"output {out[name][s]['greedy_agreement_on_target_output']})" for s in sets))
     return out
 
 
@@ -113,6 +158,7 @@ def card_section(r: dict[str, Any]) -> str:
     after, before = r["agreement"]["after"], r["agreement"]["before"]
     m, t = after["model"], r["training"]
     rows = [("greedy agreement with the target", "greedy_agreement"),
+            ("... along the target's own greedy output", "greedy_agreement_on_target_output"),
             ("expected acceptance, T = 1", "expected_acceptance_t1"), ("draft loss (nats/token)", "draft_loss")]
     table = ["| measure | before: held-out stdlib | before: pip | after: held-out stdlib | after: pip |",
              "|---|---|---|---|---|"]
@@ -175,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--minutes", type=float, default=3.8, help="wall-clock budget for training")
     p.add_argument("--eval-tokens", type=int, default=120_000, help="tokens of each evaluation set")
+    p.add_argument("--generated-rounds", type=int, default=16,
+                   help="rounds of the target's own continuations (each: rows x (64 + 448) tokens)")
+    p.add_argument("--generated-rows", type=int, default=512)
     p.add_argument("--smoke", action="store_true", help="CPU: 4 steps of 2 x 64 tokens, small evaluation")
     return p.parse_args(argv)
 
@@ -191,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.smoke:
         a.steps, a.batch_size, a.context, a.warmup, a.eval_tokens = 4, 2, 64, 2, 2048
+        a.generated_rounds, a.generated_rows = 2, 2
     tokenizer_dir = ASSETS / "tokenizer"
     check_draft_budget(TARGET_CONFIG, DRAFT_CONFIG)
 
@@ -208,10 +258,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sets = {"heldout_stdlib": heldout, "outside_stdlib": outside}
     log(f"train {train.size:,} tokens; held-out stdlib {heldout.size:,}; outside (pip) {outside.size:,}")
 
-    # 2. the student, started from the target, trained on the target's distributions
+    # 2. the target's own continuations join the corpus (on-policy data)
     torch.manual_seed(a.seed)
     teacher, _ = load_model(a.target, device=device, tokenizer=False)  # the shipped bf16 weights, exact in fp32
     teacher.requires_grad_(False)
+    t0 = time.perf_counter()
+    new_tokens = 16 if a.smoke else 448
+    generated = target_continuations(teacher, train, rounds=a.generated_rounds, rows=a.generated_rows,
+                                     prompt_len=64, new_tokens=new_tokens, seed=a.seed, eos=eos_id(tok))
+    meta["generated"] = {"tokens": int(generated.size), "rounds": a.generated_rounds, "rows": a.generated_rows,
+                         "prompt_len": 64, "new_tokens": new_tokens, "seconds": round(time.perf_counter() - t0, 1)}
+    log(f"the target's own continuations: {generated.size:,} tokens in {meta['generated']['seconds']}s")
+    train = np.concatenate([train, generated])
+
+    # 3. the student, started from the target, trained on the target's distributions
     draft = Transformer(DRAFT_CONFIG)
     init_weights(draft)
     init_from_target(draft, teacher)
@@ -225,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del teacher, draft
     log(f"saved {draft_dir}")
 
-    # 3. before and after, on both sets
+    # 4. before and after, on both sets
     results = {
         "command": command, "device": device_name(device), "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": a.seed, "smoke": a.smoke,
@@ -235,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cost": cost_report(TARGET_CONFIG, DRAFT_CONFIG), "training": asdict(run),
     }
     results["agreement"] = evaluate_drafts(a.target, {"before": a.before, "after": draft_dir}, sets, device,
-                                           context=min(a.context, 1024), max_tokens=a.eval_tokens)
+                                           context=min(a.context, 1024), max_tokens=a.eval_tokens,
+                                           rows=4 if a.smoke else 64)
     results["wall_s"] = round(time.perf_counter() - wall0, 1)
     (out / "distill.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"wrote {out / 'distill.json'}; all done in {results['wall_s']}s")
