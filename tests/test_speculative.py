@@ -87,19 +87,27 @@ def test_greedy_equals_generate(family):
     want = generate(target, prompts, 23)
     cases = [("unrelated", unrelated, 3), ("identical", target, 8), ("ngram", NGramSpeculator(2), 1),
              ("unrelated", unrelated, 8)]
-    for name, draft, k in cases:
-        dec = SpeculativeDecoder(target, draft, k)
-        for cache in ("static", "paged"):
-            got = dec.generate(prompts, 23, cache=cache)
+    # "static": eager runs stop drafting when the draft is unsure; "static, all k": with that off, every
+    # step drafts k tokens and verifies k + 1 positions, as the CUDA-graph path does.
+    for cache in ("static", "static, all k", "paged"):
+        full_k = cache != "static"
+        for name, draft, k in cases:
+            dec = SpeculativeDecoder(target, draft, k)
+            if cache == "static, all k":
+                dec.draft_confidence = 0.0
+            got = dec.generate(prompts, 23, cache=cache.split(",")[0])
             assert torch.equal(got, want), (family, name, k, cache)
-            acc = dec.last_stats.accepted_per_step
-            if name == "identical":  # the target agrees with itself: every draft kept
-                assert all(a == k for row in acc for a in row[:-1]), acc
+            acc, offered = dec.last_stats.accepted_per_step, dec.last_stats.proposed_per_step
+            if name == "identical":  # the target agrees with itself: every draft offered is kept
+                assert acc == offered, (acc, offered)
+                if full_k:
+                    assert all(a == k for row in acc for a in row[:-1]), acc
             if name == "unrelated":
                 assert any(a == 0 for row in acc for a in row), acc  # steps where nothing is accepted
-        single = dec.generate(torch.tensor([prompts[2]]), 23)  # one prompt: flat per-step stats
-        assert torch.equal(single, generate(target, [prompts[2]], 23))
-        assert isinstance(dec.last_stats.accepted_per_step[0], int)
+            if cache == "static":
+                single = dec.generate(torch.tensor([prompts[2]]), 23)  # one prompt: flat per-step stats
+                assert torch.equal(single, generate(target, [prompts[2]], 23))
+                assert isinstance(dec.last_stats.accepted_per_step[0], int)
 
 
 def test_left_padded_tensor_and_eos_like_generate():
@@ -282,8 +290,8 @@ def test_benchmark_smoke_run(tmp_path):
     for workload in ("completion", "edit"):
         w = data["workloads"][workload]
         assert all(v for k, v in w["checks"].items() if not k.startswith("transformers")), w["checks"]
-        assert {"plain", "draft k=2", "ngram k=3", "transformers generate"} <= w["rows"].keys()
-        assert 0.0 <= w["alpha_teacher_forced"] <= 1.0 and w["rows"]["draft k=2"]["predicted_speedup"] > 0
+        assert {"plain", "draft k=2, all k", "draft k=3", "ngram k=3", "transformers generate"} <= w["rows"].keys()
+        assert 0.0 <= w["alpha_teacher_forced"] <= 1.0 and w["rows"]["draft k=2, all k"]["predicted_speedup"] > 0
     assert speculative.expected_tokens(0.0, 4) == 1 and speculative.expected_tokens(1.0, 4) == 5
     assert abs(speculative.expected_tokens(0.5, 2) - 1.75) < 1e-12
 

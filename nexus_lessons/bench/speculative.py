@@ -156,7 +156,14 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
             return baseline.generate(t_in(ids), n)
         return generate(target, t_in(ids), n, cache="static")
 
-    decoders = {f"draft k={k}": SpeculativeDecoder(target, draft, k) for k in args.draft_k}
+    # The cost model's sweep drafts all k every step (as a CUDA graph does); on a CPU the decoder's default
+    # also stops a row's drafting when the draft is unsure (`SpeculativeDecoder.draft_confidence`).
+    decoders = {}
+    for k in args.draft_k:
+        decoders[f"draft k={k}" if on_gpu else f"draft k={k}, all k"] = d = SpeculativeDecoder(target, draft, k)
+        d.draft_confidence = 0.0
+    if not on_gpu:
+        decoders.update({f"draft k={k}": SpeculativeDecoder(target, draft, k) for k in args.stop_k})
     decoders.update({f"ngram k={k}": SpeculativeDecoder(target, NGramSpeculator(3), k) for k in args.ngram_k})
     # Correctness first: every side against plain generate (no cache); ours must be equal.
     want = {i: generate(target, t_in(ids), n)[0].tolist() for i, ids in enumerate(prompts)}
@@ -210,7 +217,7 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
             row.update(k=k, tokens_per_step=ph["tokens"] / ph["steps"], acceptance_rate=ph["kept"] / max(ph["offered"], 1),
                        alpha_from_run=ph["kept"] / max(ph["kept"] + ph["rejections"], 1), c=c, v=v,
                        decode_speedup=ph["tokens"] * t_target / (ph["draft_s"] + ph["verify_s"]))
-            if side.startswith("draft"):
+            if side.startswith("draft") and dec.draft_confidence == 0:
                 row["predicted_speedup"] = predicted_speedup(alpha_tf, k, c, v)
                 row["predicted_speedup_v1"] = predicted_speedup(alpha_tf, k, c, 1.0)
                 row["prediction_error"] = row["predicted_speedup"] / row["decode_speedup"] - 1
@@ -315,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompt-len", type=int, default=160)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--draft-k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8])
+    ap.add_argument("--draft-k", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="the cost model's sweep")
+    ap.add_argument("--stop-k", type=int, nargs="+", default=[4, 6, 8],
+                    help="CPU: the decoder's default, drafting stops when the draft is unsure")
     ap.add_argument("--ngram-k", type=int, nargs="+", default=[3, 5, 8])
     ap.add_argument("--hf-lookup-k", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         target_dir, draft_dir = _smoke_models(Path(tempfile.mkdtemp()))
         args.prompts, args.edit_prompts, args.prompt_len, args.new_tokens, args.reps = 1, 1, 24, 12, 1
-        args.draft_k, args.ngram_k = [2, 3], [3]
+        args.draft_k, args.stop_k, args.ngram_k = [2, 3], [3], [3]
     t_start = time.perf_counter()
     target, tok = load_model(target_dir, device=device, dtype=torch.float32)
     draft, _ = load_model(draft_dir, device=device, dtype=torch.float32, tokenizer=False)

@@ -75,6 +75,12 @@ class SpeculativeDecoder:
     static path's phases as CUDA graphs.
     """
 
+    # Eager runs of the static path stop a row's drafting after a guess the draft itself gives less than
+    # this probability (transformers' assisted generation does the same, at the same 0.4): an unlikely
+    # draft costs a draft step and a verify position and is rarely kept. 0 drafts all k every step, which
+    # is what a CUDA graph does (its shapes are fixed).
+    draft_confidence: float = 0.4
+
     def __init__(self, target_model, draft, num_speculative_tokens: int = 5, *, use_graph: bool | None = None) -> None:
         if not isinstance(target_model, Transformer):
             raise TypeError(f"target_model must be a nexus_lessons Transformer (see from_hf), got {type(target_model).__name__}")
@@ -173,6 +179,7 @@ class SpeculativeDecoder:
             spec = StaticSpeculator(self.target, self.draft, self.k, B, capacity, temperature=sampling[0],
                                     top_k=sampling[1], top_p=sampling[2], use_graph=self.use_graph)
             self._static[key] = spec
+        spec.draft_confidence = self.draft_confidence
         spec.prefill(ids, torch.tensor(starts, device=ids.device), max_new_tokens, eos)
         times = StepTimes()
         spec.run(generator, times)

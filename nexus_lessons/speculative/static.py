@@ -112,6 +112,7 @@ class StaticSpeculator:
         self._offsets = torch.arange(k + 1, device=dev)
         self.use_graph = use_graph
         self.graphs: tuple | None = None
+        self.draft_confidence = 0.0  # eager runs only: see SpeculativeDecoder.draft_confidence
 
     # --- one step, in two phases ----------------------------------------------------------------
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -127,32 +128,46 @@ class StaticSpeculator:
         cache = self.draft_cache
         cache.slot.copy_(L - 2)
         x = self.seq.gather(1, (L - 2)[:, None] + self._offsets[:2])
+        self.num_drafts.fill_(k)
+        unsure = torch.zeros_like(self.done)
         for i in range(k):
             logits = self.draft(x, cache=cache)[:, -1]
+            probs = self._probs(logits) if not self.greedy else None
             if self.greedy:
                 tok = logits.argmax(-1)
             else:
-                probs = self._probs(logits)
                 self.q[:, i] = probs
                 tok = sample_from(probs, self.noise[:, i])
             self.drafts[:, i] = tok
+            if not self.use_graph and self.draft_confidence > 0:  # stop a row once the draft is unsure
+                confidence = (probs if probs is not None else torch.softmax(logits.float(), -1)).amax(-1)
+                self.num_drafts.copy_(torch.where(unsure, self.num_drafts, i + 1))
+                unsure |= confidence < self.draft_confidence
+                if bool(unsure.all()):
+                    break
             cache.slot.copy_(L - 1 + i + 1)
             x = tok[:, None]
-        self.num_drafts.fill_(k)
 
     def verify_phase(self) -> None:
-        L, k = self.length, self.k
+        """One target forward over each row's newest token and its drafts, the rule, the bookkeeping.
+        A graph verifies all k positions; an eager run only up to the longest row's drafts."""
+        L = self.length
+        m = self.k if self.use_graph else int(self.num_drafts.max())
+        drafts = self.drafts[:, :m]
         self.target_cache.slot.copy_(L - 1)
-        x = torch.cat([self.seq.gather(1, (L - 1)[:, None]), self.drafts], dim=1)  # [B, k + 1]
+        x = torch.cat([self.seq.gather(1, (L - 1)[:, None]), drafts], dim=1)  # [B, m + 1]
         logits = self.target(x, cache=self.target_cache)
         if self.greedy:
-            n, nxt = accept_greedy(logits.argmax(-1), self.drafts, self.num_drafts)
+            n, nxt = accept_greedy(logits.argmax(-1), drafts, self.num_drafts)
+        elif m == 0:
+            n = torch.zeros_like(self.num_drafts)
+            nxt = sample_from(self._probs(logits[:, 0]), self.noise[:, 2 * self.k])
         else:
-            u = self.noise
-            n, nxt = accept_sampled(self._probs(logits), self.drafts, self.num_drafts, self.q,
-                                    u[:, k:2 * k], u[:, 2 * k])
-        j = self._offsets
-        padded = torch.cat([self.drafts, self.drafts[:, :1]], dim=1)
+            u, k = self.noise, self.k
+            q = None if self.q is None else self.q[:, :m]
+            n, nxt = accept_sampled(self._probs(logits), drafts, self.num_drafts, q, u[:, k:k + m], u[:, 2 * k])
+        j = self._offsets[: m + 1]
+        padded = torch.cat([drafts, torch.zeros_like(self.drafts[:, :1])], dim=1)
         new = torch.where(j < n[:, None], padded, nxt[:, None])  # kept drafts, then the target's token
         self.seq.scatter_(1, L[:, None] + j, new)  # slots past length + n are rewritten next step
         live = ~self.done
