@@ -1,6 +1,6 @@
 """Distil `nexus-tiny-draft` from the shipped `nexus-tiny`: one layer, as wide as the target.
 
-    python -m nexus_lessons.tiny.distill --out DIR              # GPU: about 5.5 minutes, data prep included
+    python -m nexus_lessons.tiny.distill --out DIR              # GPU: about 5 minutes, data prep included
     python -m nexus_lessons.tiny.distill --out DIR --smoke      # CPU: a few steps, to know the pipeline runs
     python -m nexus_lessons.tiny.distill --install DIR          # put DIR's draft and JSON into the repository
 
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--minutes", type=float, default=3.8, help="wall-clock budget for training")
+    p.add_argument("--minutes", type=float, default=3.5, help="wall-clock budget for training")
     p.add_argument("--eval-tokens", type=int, default=120_000, help="tokens of each evaluation set")
     p.add_argument("--generated-rounds", type=int, default=16,
                    help="rounds of the target's own continuations (each: rows x (64 + 448) tokens)")
