@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--draft-k", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="the cost model's sweep")
-    ap.add_argument("--stop-k", type=int, nargs="+", default=[4, 6, 8],
+    ap.add_argument("--stop-k", type=int, nargs="+", default=[4, 8, 12],
                     help="CPU: the decoder's default, drafting stops when the draft is unsure")
     ap.add_argument("--ngram-k", type=int, nargs="+", default=[3, 5, 8])
     ap.add_argument("--hf-lookup-k", type=int, default=5)
