@@ -277,6 +277,9 @@ def test_cuda_graph_path_equals_generate():
         assert dec.use_graph
         for _ in range(2):  # the second call replays the graphs captured by the first
             assert torch.equal(dec.generate(prompts, 40), want)
+        sampled = [dec.generate(prompts, 30, temperature=1.0, top_p=0.9,
+                                generator=torch.Generator(device="cuda").manual_seed(0)) for _ in range(2)]
+        assert torch.equal(*sampled)  # the sampling graph replays with the same uniforms: the same tokens
 
 
 def test_benchmark_smoke_run(tmp_path):
