@@ -12,6 +12,7 @@ from .paged import OutOfBlocksError, PagedKVCache
 from .prefix import PrefixCache, RadixPrefixCache
 from .quant import QuantizedKVCache
 from .sampling import logits_to_probs, sample_next
+from .speculative import NGramSpeculator, SpeculativeDecoder
 
 
 def __getattr__(name: str):
@@ -29,11 +30,13 @@ __all__ = [
     "InferenceBenchmark",
     "KVCache",
     "ModelConfig",
+    "NGramSpeculator",
     "OutOfBlocksError",
     "PagedKVCache",
     "PrefixCache",
     "RadixPrefixCache",
     "QuantizedKVCache",
+    "SpeculativeDecoder",
     "Transformer",
     "from_hf",
     "generate",

@@ -23,7 +23,9 @@ scaled by 1/sqrt(2 * layers)); AdamW (0.9, 0.95), weight decay 0.1 on matrices o
 weights; random 1024-token windows of the token stream (files separated by eos); attention through
 `scaled_dot_product_attention(is_causal=True)` (flash on the GPU). The draft is trained on
 KL(target || draft) over the whole vocabulary (optionally mixed with next-token cross-entropy), with
-the *saved* target (bf16-rounded weights, as shipped) as the teacher.
+the *saved* target (bf16-rounded weights, as shipped) as the teacher; a draft as wide as the target
+starts as the target's embedding, first layers and final norm. (`nexus_lessons.tiny.distill` redoes
+only the draft, from the shipped target: that is how the shipped draft is made.)
 
 `--max-minutes` is a wall-clock budget per model: after a few timed steps the step count is cut to fit
 (the cosine schedule is laid over the steps that will actually run), and a hard stop guards the rest;
@@ -124,6 +126,23 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
             torch.nn.init.normal_(p, 0.0, resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
         elif name.endswith("bias"):
             torch.nn.init.zeros_(p)
+
+
+@torch.no_grad()
+def init_from_target(draft: Transformer, target: Transformer) -> Transformer:
+    """Start the draft as the target cut down: its embedding (tied to the lm_head), final norm and first
+    layers. Needs the same width; the draft then learns to do in one layer what the target does in eight."""
+    dc, tc = draft.config, target.config
+    if (dc.hidden_size, dc.intermediate_size, dc.num_attention_heads, dc.num_key_value_heads) != (
+            tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads):
+        raise ValueError("init_from_target needs a draft with the target's layer shape")
+    draft.embed_tokens.weight.copy_(target.embed_tokens.weight)
+    draft.norm.weight.copy_(target.norm.weight)
+    for mine, theirs in zip(draft.layers, target.layers):
+        mine.load_state_dict(theirs.state_dict())
+    if not dc.tie_word_embeddings:
+        draft.lm_head.weight.copy_(target.lm_head.weight)
+    return draft
 
 
 def make_optimizer(model: torch.nn.Module, s: Schedule, device: torch.device) -> torch.optim.Optimizer:
@@ -463,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed + 1)
     draft = Transformer(draft_cfg)
     init_weights(draft)
+    if draft_cfg.hidden_size == target_cfg.hidden_size and draft_cfg.intermediate_size == target_cfg.intermediate_size:
+        init_from_target(draft, teacher)
     draft.to(device)
     s_draft = Schedule(args.draft_steps, args.draft_batch_size, args.context, args.draft_lr, args.draft_warmup,
                        max_minutes=args.draft_max_minutes, seed=args.seed + 1, **every)
