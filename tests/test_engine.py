@@ -248,3 +248,19 @@ def test_soak_thousand_requests_with_arrivals_and_aborts():
     assert added >= 1000 and sorted(ended) == list(range(added)) and set(ended.values()) == {1}
     assert engine.cache.num_used_blocks == 0 and engine.scheduler.num_preemptions > 0
     assert not engine.requests and not live
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """The GPU benchmark's CPU smoke mode: every section runs on a tiny model and lands in the JSON."""
+    import json
+
+    from nexus_lessons.bench import serving
+
+    serving.main(["--smoke", "--out", str(tmp_path / "s.json")])
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert set(r["sections"]) == set(serving.SECTIONS)
+    assert not [name for name, row in r["sections"].items() if "error" in row]
+    assert r["sections"]["check"]["all_equal"] and r["sections"]["throughput"]["output_tokens_per_s"] > 0
+    assert all("output_tokens_per_s" in row for row in r["sections"]["ablation"]["rows"].values())
+    s = r["sections"]["static"]
+    assert s["static"]["steps"] > s["continuous"]["steps"] and s["static"]["output_tokens"] == s["continuous"]["output_tokens"]
