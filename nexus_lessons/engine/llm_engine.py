@@ -255,7 +255,7 @@ class LLMEngine:
             reason = None
             if tok in seq.stop_ids:
                 reason = "stop"
-            elif len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            elif len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens, or the model's context
                 reason = "length"
             if reason is not None:
                 del self.requests[seq.request_id]

@@ -18,7 +18,7 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..paged import OutOfBlocksError, PagedKVCache
+from ..paged import PagedKVCache
 from .sequence import Sequence, Status
 
 POLICIES = ("fcfs", "priority")
@@ -66,61 +66,60 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         seq.status = Status.WAITING
         bisect.insort(self.waiting, seq, key=self.key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def done_feeding(self, seq: Sequence) -> bool:
-        """True once every token the request may have is sampled (it finishes when they are read back)."""
-        return seq.num_outputs >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
+        free = self.cache.num_free_blocks
+        bs = self.cache.block_size
         rows: list[tuple[Sequence, int]] = []
+        reserve: dict[int, int] = {}  # cache sequence id -> slots to append, reserved in one call at the end
         preempted: list[Sequence] = []
         running = self.running
         i = 0
         while i < len(running) and budget > 0 and len(rows) < self.max_num_seqs:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if n <= 0 or self.done_feeding(seq):
+            c, t = seq.num_computed, len(seq.token_ids) + seq.num_pending
+            if t >= seq.max_num_tokens or c >= t:  # every token it may have is sampled, or all computed
                 i += 1
                 continue
-            try:
-                self.cache.append_slots(seq.cache_seq, n)
-            except OutOfBlocksError:
+            n = min(t - c, budget)
+            need = -(-(c + n) // bs) - (-(-c // bs))  # new blocks: sequences never share a partly filled block
+            if need > free:
                 victim = running[-1]  # lowest priority; never one already scheduled (those are before i)
-                self.preempt(victim)
+                free += self.preempt(victim)
                 preempted.append(victim)
                 continue  # retry seq (or stop: it was the victim and the loop condition ends it)
+            free -= need
             seq.num_computed += n
+            reserve[seq.cache_seq] = n
             rows.append((seq, n))
             budget -= n
             i += 1
 
-        bs = self.cache.block_size
         while (not preempted and self.waiting and budget > 0 and len(rows) < self.max_num_seqs
                and len(running) < self.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last token was in flight: wait until it is read back
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if running and self.cache.num_free_blocks - (-(-n // bs)) < self.watermark:
-                break
-            sid = self.cache.add_sequence()
-            try:
-                self.cache.append_slots(sid, n)
-            except OutOfBlocksError:
-                self.cache.free(sid)
+            need = -(-n // bs)
+            if need > free or (running and free - need < self.watermark):
                 break
             self.waiting.pop(0)
-            seq.cache_seq, seq.status = sid, Status.RUNNING
+            seq.cache_seq, seq.status = self.cache.add_sequence(), Status.RUNNING
+            free -= need
             seq.num_computed += n
+            reserve[seq.cache_seq] = n
             bisect.insort(running, seq, key=self.key)
             rows.append((seq, n))
             budget -= n
+        self.cache.tables.append_slots_many(reserve)  # all or nothing; the counts above make it fit
 
         batch = ScheduledBatch(preempted=preempted)
         for seq, n in sorted(rows, key=lambda r: r[1] > 1):  # stable: one-token rows first, order kept
@@ -130,14 +129,16 @@ class Scheduler:
         batch.num_decode = sum(1 for n in batch.num_new if n == 1)
         return batch
 
-    def preempt(self, seq: Sequence) -> None:
-        """Free the sequence's blocks and queue it again; it is recomputed from its tokens when re-admitted."""
-        self.cache.free(seq.cache_seq)
+    def preempt(self, seq: Sequence) -> int:
+        """Free the sequence's blocks and queue it again; it is recomputed from its tokens when re-admitted.
+        Returns how many blocks went back to the pool."""
+        freed = self.cache.free(seq.cache_seq)
         seq.cache_seq, seq.num_computed = None, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(seq)
         self.add(seq)
+        return freed
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out for good (finished or aborted); its blocks go back to the pool at once."""
