@@ -264,3 +264,39 @@ def test_serving_benchmark_smoke(tmp_path):
     assert all("output_tokens_per_s" in row for row in r["sections"]["ablation"]["rows"].values())
     s = r["sections"]["static"]
     assert s["static"]["steps"] > s["continuous"]["steps"] and s["static"]["output_tokens"] == s["continuous"]["output_tokens"]
+
+
+def test_the_lesson_exercises_describe_the_real_scheduler_and_bound():
+    """The notebook's exercise references agree with the engine's Scheduler and the benchmark's bound."""
+    from nexus_lessons.bench.serving import bandwidth_bound
+    from nexus_lessons.engine.scheduler import Scheduler
+    from nexus_lessons.engine.sequence import Sequence, Status
+    from nexus_lessons.exercises import lesson10
+    from nexus_lessons.paged import PagedKVCache
+
+    rng = random.Random(5)
+    for _ in range(20):
+        cache = PagedKVCache(1, 1, 4, block_size=4, num_blocks=400)
+        budget, seats = rng.randint(1, 60), rng.randint(1, 6)
+        sched = Scheduler(cache, max_num_seqs=seats, max_num_batched_tokens=budget, max_model_len=1000)
+        sched.watermark = 0
+        running, waiting = [], []
+        for rid in range(rng.randint(0, seats)):
+            total = rng.randint(1, 50)
+            computed = total - 1 if rng.random() < 0.6 else rng.randrange(total)
+            seq = Sequence(rid, [1] * total, SamplingParams(max_tokens=5), seed=0, arrival_time=float(rid))
+            sched.add(seq)
+            sched.waiting.remove(seq)
+            seq.status, seq.cache_seq, seq.num_computed = Status.RUNNING, cache.add_sequence(), computed
+            cache.append_slots(seq.cache_seq, computed)
+            sched.running.append(seq)
+            running.append((rid, computed, total))
+        for rid in range(len(running), len(running) + rng.randint(0, 4)):
+            total = rng.randint(1, 70)
+            sched.add(Sequence(rid, [1] * total, SamplingParams(max_tokens=5), seed=0, arrival_time=float(rid)))
+            waiting.append((rid, total))
+        batch = sched.schedule()
+        got = sorted((s.request_id, n) for s, n in zip(batch.seqs, batch.num_new))
+        assert got == sorted(lesson10._schedule(running, waiting, budget, seats))
+    p, n = [rng.randint(1, 900) for _ in range(9)], [rng.randint(2, 70) for _ in range(9)]
+    assert bandwidth_bound(p, n, 10**9, 4096, 2000.0) == pytest.approx(lesson10._bound(p, n, 10**9, 4096, 2000.0))
