@@ -300,3 +300,28 @@ def test_the_lesson_exercises_describe_the_real_scheduler_and_bound():
         assert got == sorted(lesson10._schedule(running, waiting, budget, seats))
     p, n = [rng.randint(1, 900) for _ in range(9)], [rng.randint(2, 70) for _ in range(9)]
     assert bandwidth_bound(p, n, 10**9, 4096, 2000.0) == pytest.approx(lesson10._bound(p, n, 10**9, 4096, 2000.0))
+
+
+def test_the_cuda_graph_path_is_exact_with_graphs_emulated_on_the_cpu(monkeypatch):
+    """The graph path's data layout (fixed staging views per batch size, padded rows writing the scratch
+    slot, the fixed-width block table) checked on the CPU: each "graph" replays its recorded step eagerly
+    into the same output buffer, reading the same device buffers as a captured CUDA graph would."""
+    from nexus_lessons.engine import model_runner
+
+    def record_eagerly(self, step):
+        out = step()
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_record", record_eagerly)
+    model = random_model("qwen2", True)
+    engine = LLMEngine(model, num_kv_blocks=30, block_size=4, max_num_seqs=6, max_num_batched_tokens=12,
+                       max_model_len=64)
+    engine.runner.capture_graphs(model_runner.graph_batch_sizes(6))
+    assert sorted(engine.runner.graphs) == [1, 2, 4, 6]
+    engine.capacity = engine.cache.num_free_blocks * 4  # one block went to the scratch slot
+    requests = mixed_requests(11, 9, model.config.vocab_size, max_prompt=19, max_new=15)
+    got, batches = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        assert tokens == reference(model, prompt, sp.max_tokens)
+    assert engine.stats["graph_steps"] > 0 and engine.stats["graph_steps"] < engine.stats["steps"]
+    assert any(len(b) in (3, 5) and b.num_decode == len(b) for b in batches)  # padded to 4 and 6

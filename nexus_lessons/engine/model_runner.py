@@ -84,7 +84,8 @@ class ModelRunner:
         self.host_tokens = [torch.zeros(R, dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
         self.turn = 0
         self.fb = ForwardBatch(cache)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, ForwardBatch]] = {}
+        self.graphs: dict[int, tuple] = {}  # batch size -> (replay, logits, ForwardBatch)
+        self._pool = None  # the graphs' shared memory pool
         self.scratch_seq: int | None = None
         if on_gpu and not enforce_eager and model.config.sliding_window is None:
             self.capture_graphs(graph_batch_sizes(max_num_seqs))
@@ -172,8 +173,8 @@ class ModelRunner:
             input_ids.index_copy_(0, p_rows_d, prev.tokens.index_select(0, p_src_d))
 
         if graph_size:
-            graph, logits, _ = self.graphs[graph_size]
-            graph.replay()
+            replay, logits, _ = self.graphs[graph_size]
+            replay()
             logits = logits[:B]
         else:
             self.fb.set(positions=positions, slot_mapping=slot_mapping, num_decode=nd,
@@ -233,7 +234,6 @@ class ModelRunner:
         self.scratch_seq = c.add_sequence()  # one block that padding rows write into, never read
         self.scratch_block = c.append_slots(self.scratch_seq, 1)[0] // self.block_size
         self.scratch_slot = self.scratch_block * self.block_size
-        pool = None
         W = self.width
         for b in sorted(sizes, reverse=True):
             # The layout _upload gives a padded decode batch of b rows: ids, positions, slots | lens, tables.
@@ -246,13 +246,18 @@ class ModelRunner:
             tables.fill_(self.scratch_block)
             fb = ForwardBatch(c)
             fb.set(positions=pos, slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens)
-            for _ in range(2):  # warm up: Triton compiles, autotunes and sizes its workspaces outside capture
-                self.model(ids[None], cache=fb)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model(ids[None], cache=fb)[0]
-            pool = graph.pool()
-            self.graphs[b] = (graph, logits, fb)
+            replay, logits = self._record(lambda ids=ids, fb=fb: self.model(ids[None], cache=fb)[0])
+            self.graphs[b] = (replay, logits, fb)
         self.graphs = dict(sorted(self.graphs.items()))
+
+    def _record(self, step):
+        """(replay, output): `step` recorded as a CUDA graph in the runner's shared memory pool."""
+        for _ in range(2):  # warm up: Triton compiles, autotunes and sizes its workspaces outside capture
+            step()
         torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()
+        self._pool = graph.pool()
+        torch.cuda.synchronize()
+        return graph.replay, out
