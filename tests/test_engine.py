@@ -13,13 +13,12 @@ import random
 
 import pytest
 import torch
+from conftest import hf_model
 
 from nexus_lessons import generate, load_model
 from nexus_lessons.engine import LLM, LLMEngine, SamplingParams
 from nexus_lessons.engine.sampler import sample, uniform_noise
 from nexus_lessons.sampling import logits_to_probs
-
-from conftest import hf_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -325,3 +324,22 @@ def test_the_cuda_graph_path_is_exact_with_graphs_emulated_on_the_cpu(monkeypatc
         assert tokens == reference(model, prompt, sp.max_tokens)
     assert engine.stats["graph_steps"] > 0 and engine.stats["graph_steps"] < engine.stats["steps"]
     assert any(len(b) in (3, 5) and b.num_decode == len(b) for b in batches)  # padded to 4 and 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_with_graphs_is_exact_and_sizes_its_pool():
+    model, tok = load_model("nexus-tiny", device="cuda")
+    requests = mixed_requests(21, 10, model.config.vocab_size, max_prompt=60, max_new=30)
+    engine = LLMEngine(model, tok, num_kv_blocks=24, block_size=8, max_num_seqs=6, max_num_batched_tokens=40)
+    got, _ = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        want = generate(model, torch.tensor([prompt], device="cuda"), sp.max_tokens)[0, len(prompt):].tolist()
+        assert tokens == want
+    assert engine.stats["graph_steps"] > 0 and engine.scheduler.num_preemptions > 0
+    auto = LLMEngine(model, tok, max_num_seqs=4, max_num_batched_tokens=256)
+    assert auto.cache.num_blocks > 1000
+    sp = SamplingParams(temperature=1.0, top_k=50, max_tokens=12, seed=3, ignore_eos=True)
+    (a,), _ = run(auto, [([5, 6, 7], sp)])
+    b = run(auto, [([5, 6, 7], sp)] + requests[:3])[0][0]
+    assert a == b

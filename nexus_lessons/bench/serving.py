@@ -18,7 +18,7 @@ Sections (`--sections`, default all), each recorded even when another fails:
 * static: continuous batching against static (request-level) batching of the same engine, 64 seats,
   512 requests whose output lengths are long-tailed (95% 16-128 tokens, 5% 768-1024).
 * batch1: one request decoding 512 tokens through the engine, against the weight-read bound.
-* ablation: the engine with CUDA graphs off (`enforce_eager`) and with other prefill-chunk budgets.
+* ablation: the engine with CUDA graphs off (`enforce_eager`), and with a smaller prefill-chunk budget.
 Throughputs are wall-clock times of whole runs after a warm-up run (a run is seconds long; TTFT and
 TPOT percentiles come with each).
 """
@@ -155,7 +155,15 @@ def section_check(device: torch.device, smoke: bool) -> dict:
     stats = llm.engine.stats
     result = {"requests": len(prompts), "equal": equal, "all_equal": all(equal), "steps": stats["steps"],
               "graph_steps": stats["graph_steps"], "preemptions": llm.engine.scheduler.num_preemptions}
-    del llm, model
+    del llm
+    if device.type == "cuda":  # the pool sized from free memory (no num_kv_blocks)
+        auto = LLM(model, max_num_seqs=4, max_num_batched_tokens=512)
+        result["auto_num_kv_blocks"] = auto.engine.cache.num_blocks
+        result["auto_kv_gib"] = auto.engine.cache.nbytes / 2**30
+        out = auto.generate(prompts[:2], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8), use_tqdm=False)
+        result["auto_equal"] = all(o.token_ids == generate(model, torch.tensor([p], device=device), 8)[0, len(p):].tolist()
+                                   for p, o in zip(prompts[:2], out))
+        del auto
     return result
 
 
@@ -248,7 +256,7 @@ def main(argv=None) -> dict:
 
     record("transformers", transformers_section)
     ours = from_hf(hf)
-    del hf
+    hf = None  # free its weights before the engine sizes its pool
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -301,8 +309,7 @@ def main(argv=None) -> dict:
         half, n_new = prompts[: N // 2], [new_tokens // 4] * (N // 2)
         rows = {}
         for name, extra in [("engine", {}), ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}),
-                            ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048}),
-                            ("prefill chunks of 32768 tokens", {"max_num_batched_tokens": 32768})]:
+                            ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048})]:
             try:
                 e = LLM(ours, **(options | {"max_num_seqs": len(half), "num_kv_blocks": blocks // 2} | extra))
                 run_engine(e, half[:8], [4] * len(half[:8]))  # warm-up

@@ -27,7 +27,7 @@ from ..paged import PagedKVCache
 from .model_runner import ModelRunner, StepHandle
 from .sampling_params import SamplingParams
 from .scheduler import POLICIES, ScheduledBatch, Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "int4")
 SPECULATIVE_METHODS = ("ngram", "draft")
