@@ -343,3 +343,13 @@ def test_gpu_engine_with_graphs_is_exact_and_sizes_its_pool():
     (a,), _ = run(auto, [([5, 6, 7], sp)])
     b = run(auto, [([5, 6, 7], sp)] + requests[:3])[0][0]
     assert a == b
+
+
+def test_llm_loads_a_local_hf_folder(tmp_path):
+    from nexus_lessons import save_pretrained
+
+    model, tok = load_model("nexus-tiny")
+    folder = save_pretrained(model, tmp_path / "ckpt", tok)
+    llm = LLM(str(folder), device="cpu", num_kv_blocks=16)
+    (out,) = llm.generate("while True:", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert out.token_ids == reference(model, tok.encode("while True:"), 6) and isinstance(out.text, str)
