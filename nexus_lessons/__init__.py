@@ -3,7 +3,9 @@
 Data flow, in the order the lessons build it: model -> cache -> kernels -> decoders -> engine.
 """
 
+from .batching import ContinuousBatcher, IterationLevelBatcher, StaticBatcher
 from .config import ModelConfig
+from .engine import LLM, LLMEngine, SamplingParams
 from .generate import generate, left_pad
 from .kv_cache import CacheFullError, DynamicKVCache, KVCache
 from .loading import from_hf, load_model, save_pretrained
@@ -26,17 +28,23 @@ def __getattr__(name: str):
 
 __all__ = [
     "CacheFullError",
+    "ContinuousBatcher",
     "DynamicKVCache",
     "InferenceBenchmark",
+    "IterationLevelBatcher",
     "KVCache",
+    "LLM",
+    "LLMEngine",
     "ModelConfig",
     "NGramSpeculator",
     "OutOfBlocksError",
     "PagedKVCache",
     "PrefixCache",
-    "RadixPrefixCache",
     "QuantizedKVCache",
+    "RadixPrefixCache",
+    "SamplingParams",
     "SpeculativeDecoder",
+    "StaticBatcher",
     "Transformer",
     "from_hf",
     "generate",

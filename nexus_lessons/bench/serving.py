@@ -1,0 +1,369 @@
+"""Serving throughput of the engine (lesson 10) on a 1B-parameter Llama-shaped model, one run, one GPU.
+
+    python -m nexus_lessons.bench serving --out course/results/serving_h100.json     # about 5 minutes
+    python -m nexus_lessons.bench serving --smoke --out /tmp/serving_smoke.json      # CPU, seconds
+
+The model has random weights (nothing can be downloaded): Llama-3.2-1B's shape with a 32k vocabulary and
+tied embeddings (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192): 1.04B parameters,
+2.08 GB in bf16. Random weights never say "stop", so every request runs to its length (ignore_eos).
+
+Sections (`--sections`, default all), each recorded even when another fails:
+* check: float32 greedy tokens of the engine (CUDA graphs, chunked prefill, preemption in a small pool)
+  equal plain `generate` with no cache, on a small Llama with peaked logits. Asserted before any timing.
+* transformers / throughput: 256 requests, prompts of 100-1024 tokens, 512 new tokens each; output
+  tokens/s of transformers' continuous batching (`generate_batch`) and of our engine on the same requests,
+  and the workload's memory-bandwidth bound: every decode step reads the weights and the K/V of every
+  live request's context, at the read bandwidth of a large `torch.sum` measured in this run.
+* variable: the same prompts with 100-1024 new tokens each (ours only: `generate_batch` takes one length).
+* static: continuous batching against static (request-level) batching of the same engine, 64 seats,
+  512 requests whose output lengths are long-tailed (95% 16-128 tokens, 5% 768-1024).
+* batch1: one request decoding 512 tokens through the engine, against the weight-read bound.
+* ablation: the engine with CUDA graphs off (`enforce_eager`), and with a smaller prefill-chunk budget.
+Throughputs are wall-clock times of whole runs after a warm-up run (a run is seconds long; TTFT and
+TPOT percentiles come with each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from ..engine import LLM, SamplingParams
+from ..generate import generate
+from ..loading import from_hf
+from .common import environment, save_json
+from .gpu_decode import LLAMA_1B
+
+SECTIONS = ("check", "transformers", "throughput", "variable", "static", "batch1", "ablation")
+SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def read_bandwidth_gbs(device: torch.device, nbytes: int, reps: int = 20) -> float:
+    """Bytes read per second by a large `torch.sum` (a read-only kernel), median of `reps`."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    for _ in range(3):
+        x.sum()
+    times = []
+    for _ in range(reps):
+        t = _Timer(device)
+        x.sum()
+        times.append(t.stop())
+    return x.nbytes / float(np.median(times)) / 1e9
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.b.record()
+            torch.cuda.synchronize()
+            return self.a.elapsed_time(self.b) / 1e3
+        return time.perf_counter() - self.t0
+
+
+def hf_model(config: dict, dtype: torch.dtype, device: torch.device, init: float = 0.02, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = LlamaForCausalLM(LlamaConfig(**config, initializer_range=init)).to(dtype).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int] | None, vocab: int, seed: int):
+    """(prompts, output lengths): random token ids, uniform lengths, a fixed seed."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, rng.integers(prompt_range[0], prompt_range[1] + 1)).tolist() for _ in range(n)]
+    outputs = [int(x) for x in rng.integers(output_range[0], output_range[1] + 1, n)] if output_range else None
+    return prompts, outputs
+
+
+def long_tailed_outputs(n: int, seed: int, short=(16, 128), long=(768, 1024), long_share=0.05) -> list[int]:
+    rng = np.random.default_rng(seed)
+    lengths = np.where(rng.random(n) < long_share, rng.integers(long[0], long[1] + 1, n),
+                       rng.integers(short[0], short[1] + 1, n))
+    return [int(x) for x in lengths]
+
+
+def bandwidth_bound(prompt_lens, output_lens, weight_bytes: int, kv_bytes_per_token: int, gbs: float) -> float:
+    """Output tokens/s if every decode step took only its reads at `gbs`: the weights once, plus the K/V of
+    each live request's context. All requests start together; prefill is free (so this bound is generous)."""
+    p, n = np.asarray(prompt_lens, dtype=np.float64), np.asarray(output_lens, dtype=np.float64)
+    seconds = 0.0
+    for s in range(1, int(n.max())):  # decode step s makes output token s + 1 of each request with n > s
+        live = n > s
+        seconds += (weight_bytes + kv_bytes_per_token * float((p[live] + s).sum())) / (gbs * 1e9)
+    return float(n.sum()) / seconds
+
+
+def run_engine(llm: LLM, prompts, lengths, **params) -> dict:
+    sps = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n, **params) for n in lengths]
+    stats0 = dict(llm.engine.stats)
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == list(lengths)
+    m = dict(llm.last_metrics)
+    m["steps"] = llm.engine.stats["steps"] - stats0["steps"]
+    m["graph_steps"] = llm.engine.stats["graph_steps"] - stats0["graph_steps"]
+    return m
+
+
+def run_static(llm: LLM, prompts, lengths, seats: int) -> dict:
+    """Request-level batching through the same engine: `seats` requests run until all are done, then the next."""
+    engine = llm.engine
+    t0 = time.perf_counter()
+    steps = 0
+    seqs = []
+    for i in range(0, len(prompts), seats):
+        for p, n in zip(prompts[i:i + seats], lengths[i:i + seats]):
+            engine.add_request(p, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n))
+        while engine.has_unfinished_requests():
+            seqs += [o.sequence for o in engine.step() if o.finished]
+            steps += 1
+    wall = time.perf_counter() - t0
+    from ..engine.metrics import summarize
+
+    return summarize(seqs, wall) | {"steps": steps}
+
+
+def section_check(device: torch.device, smoke: bool) -> dict:
+    """float32: engine == plain generate, with graphs, chunks mixed with decodes, and preemption."""
+    config = dict(SMOKE) if smoke else dict(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                            max_position_embeddings=1024, tie_word_embeddings=False)
+    model = from_hf(hf_model(config, torch.float32, device, init=0.2, seed=1))
+    prompts, lengths = workload(12, (1, 300 if not smoke else 40), (1, 40), config["vocab_size"], seed=2)
+    llm = LLM(model, num_kv_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=96)
+    outs = llm.generate(prompts, [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n) for n in lengths],
+                        use_tqdm=False)
+    equal = [o.token_ids == generate(model, torch.tensor([p], device=device), n)[0, len(p):].tolist()
+             for p, n, o in zip(prompts, lengths, outs)]
+    stats = llm.engine.stats
+    result = {"requests": len(prompts), "equal": equal, "all_equal": all(equal), "steps": stats["steps"],
+              "graph_steps": stats["graph_steps"], "preemptions": llm.engine.scheduler.num_preemptions}
+    del llm
+    if device.type == "cuda":  # the pool sized from free memory (no num_kv_blocks)
+        auto = LLM(model, max_num_seqs=4, max_num_batched_tokens=512)
+        result["auto_num_kv_blocks"] = auto.engine.cache.num_blocks
+        result["auto_kv_gib"] = auto.engine.cache.nbytes / 2**30
+        out = auto.generate(prompts[:2], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8), use_tqdm=False)
+        result["auto_equal"] = all(o.token_ids == generate(model, torch.tensor([p], device=device), 8)[0, len(p):].tolist()
+                                   for p, o in zip(prompts[:2], out))
+        del auto
+    return result
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="course/results/serving_h100.json")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
+    args = ap.parse_args(argv)
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --smoke); the course shows its committed results")
+    device = torch.device("cpu" if smoke else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shape = SMOKE if smoke else LLAMA_1B
+    # Sizes: the real run, or a small copy of every section for the CPU.
+    N, prompt_range, new_tokens = (8, (4, 40), 8) if smoke else (256, (100, 1024), 512)
+    out_range = (4, 16) if smoke else (100, 1024)
+    seats, tail_requests = (4, 16) if smoke else (64, 512)
+    tail_prompts = (4, 24) if smoke else (32, 256)
+    tail_kw = dict(short=(2, 6), long=(24, 32), long_share=0.2) if smoke else {}
+    b1_prompt, b1_tokens = (8, 16) if smoke else (128, 512)
+    results: dict = {"benchmark": "serving", **environment(), "smoke": smoke, "config": shape, "sections": {}}
+    sec = results["sections"]
+
+    def record(name, fn):
+        if name not in args.sections:
+            return None
+        print(f"--- {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            sec[name] = fn()
+        except Exception as exc:  # record and go on: one failing section must not lose the run
+            sec[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000], "traceback": traceback.format_exc()[-3000:]}
+        sec[name]["section_s"] = time.perf_counter() - t0
+        print({k: v for k, v in sec[name].items() if k != "traceback"}, flush=True)
+        save_json(results, args.out)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return sec[name]
+
+    gbs = read_bandwidth_gbs(device, (64 << 20) if smoke else (4 << 30))
+    results["read_bandwidth_gbs"] = gbs
+    check = record("check", lambda: section_check(device, smoke))
+    if check is not None and not check.get("all_equal"):
+        save_json(results, args.out)
+        raise AssertionError(f"the engine's float32 greedy tokens differ from generate: {check}")
+
+    dtype = torch.float32 if smoke else torch.bfloat16
+    hf = hf_model(shape, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # the tied embedding once
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype.itemsize
+    results.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
+                   batch1_bound_tokens_per_s=gbs * 1e9 / weight_bytes)
+    prompts, _ = workload(N, prompt_range, None, shape["vocab_size"], seed=10)
+    fixed = [new_tokens] * N
+    _, variable = workload(N, (1, 1), out_range, shape["vocab_size"], seed=11)
+    results["workload"] = {"requests": N, "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+                           "new_tokens": new_tokens, "variable_new_tokens": out_range,
+                           "prompt_lens": [len(p) for p in prompts], "variable_lens": variable}
+    results["bound_tokens_per_s"] = bandwidth_bound([len(p) for p in prompts], fixed, weight_bytes, kv_per_token, gbs)
+    results["variable_bound_tokens_per_s"] = bandwidth_bound([len(p) for p in prompts], variable, weight_bytes,
+                                                             kv_per_token, gbs)
+
+    def transformers_section() -> dict:
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=256) if smoke else None
+
+        def call(n):
+            gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return hf.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
+                                     progress_bar=False, warmup=not smoke)
+
+        call(16)  # warm-up: kernels, allocator, graphs
+        t = _Timer(device)
+        outs = call(new_tokens)
+        wall = t.stop()
+        tokens = sum(len(o.generated_tokens) for o in outs.values())
+        spans = [getattr(o, "lifespan", (-1, -1)) for o in outs.values()]
+        row = {"output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
+        if all(a >= 0 and b >= 0 for a, b in spans):  # from the first request leaving the queue to the last done
+            span = max(b for _, b in spans) - min(a for a, _ in spans)
+            row.update(span_s=span, span_output_tokens_per_s=tokens / span)
+        assert tokens == N * new_tokens, f"generate_batch returned {tokens} tokens, expected {N * new_tokens}"
+        return row
+
+    record("transformers", transformers_section)
+    ours = from_hf(hf)
+    hf = None  # free its weights before the engine sizes its pool
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    max_len = prompt_range[1] + max(new_tokens, out_range[1])
+    blocks = N * -(-max_len // 16) + 64  # room for every request at once: no preemption in the timed runs
+    options = dict(max_num_seqs=N, max_model_len=max_len, num_kv_blocks=blocks, max_num_batched_tokens=8192)
+    llm = None
+
+    def engine() -> LLM:
+        nonlocal llm
+        if llm is None:
+            t = time.perf_counter()
+            llm = LLM(ours, **options)
+            run_engine(llm, prompts[:N // 2], [4] * (N // 2))  # warm-up: Triton compiles the extend kernel
+            results["engine_setup_s"] = time.perf_counter() - t
+        return llm
+
+    def throughput_section() -> dict:
+        m = run_engine(engine(), prompts, fixed)
+        m["fraction_of_bound"] = m["output_tokens_per_s"] / results["bound_tokens_per_s"]
+        hf_row = sec.get("transformers", {})
+        best_hf = max(hf_row.get("output_tokens_per_s", 0), hf_row.get("span_output_tokens_per_s", 0))
+        if best_hf:
+            m["speedup_vs_transformers"] = m["output_tokens_per_s"] / best_hf
+        return m
+
+    def variable_section() -> dict:
+        m = run_engine(engine(), prompts, variable)
+        m["fraction_of_bound"] = m["output_tokens_per_s"] / results["variable_bound_tokens_per_s"]
+        return m
+
+    def batch1_section() -> dict:
+        llm = engine()
+        prompt = workload(1, (b1_prompt, b1_prompt), None, shape["vocab_size"], seed=12)[0]
+        runs = [run_engine(llm, prompt, [b1_tokens]) for _ in range(3)]
+        tpot = float(np.median([r["tpot_s"]["p50"] for r in runs]))
+        return {"prompt_tokens": b1_prompt, "new_tokens": b1_tokens, "decode_tokens_per_s": 1 / tpot,
+                "end_to_end_tokens_per_s": float(np.median([r["output_tokens_per_s"] for r in runs])),
+                "fraction_of_weight_bound": (1 / tpot) / results["batch1_bound_tokens_per_s"], "runs": runs}
+
+    record("throughput", throughput_section)
+    record("variable", variable_section)
+    record("batch1", batch1_section)
+
+    def ablation_section() -> dict:
+        nonlocal llm
+        llm = None  # drop the first engine (its graphs and pool) before building others
+        gc.collect()
+        half, n_new = prompts[: N // 2], [new_tokens // 4] * (N // 2)
+        rows = {}
+        for name, extra in [("engine", {}), ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}),
+                            ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048})]:
+            try:
+                e = LLM(ours, **(options | {"max_num_seqs": len(half), "num_kv_blocks": blocks // 2} | extra))
+                run_engine(e, half[:8], [4] * len(half[:8]))  # warm-up
+                rows[name] = run_engine(e, half, n_new)
+            except Exception as exc:
+                rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            e = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return {"requests": len(half), "new_tokens": n_new[0], "rows": rows}
+
+    record("ablation", ablation_section)
+
+    def static_section() -> dict:
+        nonlocal llm
+        llm = None
+        gc.collect()
+        t_prompts, _ = workload(tail_requests, tail_prompts, None, shape["vocab_size"], seed=13)
+        lengths = long_tailed_outputs(tail_requests, seed=14, **tail_kw)
+        tail_len = tail_prompts[1] + max(lengths)
+        e = LLM(ours, max_num_seqs=seats, max_model_len=tail_len, num_kv_blocks=seats * -(-tail_len // 16) + 16)
+        run_engine(e, t_prompts[:seats], [4] * seats)  # warm-up
+        cont = run_engine(e, t_prompts, lengths)
+        static = run_static(e, t_prompts, lengths, seats)
+        return {"requests": tail_requests, "seats": seats, "output_lens": lengths, "continuous": cont,
+                "static": static, "speedup": cont["output_tokens_per_s"] / static["output_tokens_per_s"]}
+
+    record("static", static_section)
+    save_json(results, args.out)
+    print(summary(results))
+    return results
+
+
+def summary(r: dict) -> str:
+    s = r["sections"]
+    lines = [f"read bandwidth {r['read_bandwidth_gbs']:.0f} GB/s; bound {r.get('bound_tokens_per_s', 0):.0f} tok/s "
+             f"(fixed outputs), {r.get('variable_bound_tokens_per_s', 0):.0f} (variable)"]
+    for name in ("transformers", "throughput", "variable"):
+        row = s.get(name, {})
+        if "output_tokens_per_s" in row:
+            extra = {k: round(row[k], 3) for k in ("fraction_of_bound", "speedup_vs_transformers",
+                                                   "span_output_tokens_per_s") if k in row}
+            lines.append(f"{name:12s} {row['output_tokens_per_s']:9.0f} tok/s  {extra}")
+    if "decode_tokens_per_s" in s.get("batch1", {}):
+        b = s["batch1"]
+        lines.append(f"batch 1      {b['decode_tokens_per_s']:9.0f} tok/s  {b['fraction_of_weight_bound']:.1%} of weight bound")
+    if "speedup" in s.get("static", {}):
+        lines.append(f"continuous / static batching: {s['static']['speedup']:.2f}x")
+    for name, row in s.items():
+        if "error" in row:
+            lines.append(f"{name}: {row['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
