@@ -131,4 +131,5 @@ def test_paged_kernels_smoke_runs(tmp_path):
     assert data["smoke"] and {"device", "torch", "date", "command", "read_gbps"} <= set(data)
     assert {"shuffled", "in_order", "sdpa"} <= set(data["paging"][0])
     assert [w["auto_schedule"] for w in data["waves"]] == ["split", "streamk"]  # spread lengths take stream-K
+    assert all(w["programs_per_sm"] >= 1 for w in data["waves"])  # lesson 02 counts waves with it
     assert {"ours_graph", "ours_eager", "sdpa_graph", "sdpa_eager"} <= set(data["extend"][0])

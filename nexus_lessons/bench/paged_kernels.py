@@ -154,8 +154,12 @@ def run_waves(name: str, lens: list[int], timer: Timer, read_gbps: float | None,
     for fn in (split, auto):
         torch.testing.assert_close(fn()[few], want, **TOL)
     sms = decode.num_sms(device)
-    return dict(case=name, batch=len(lens), programs=len(lens) * HKV * plan.splits, sms=sms, splits=plan.splits,
-                auto_schedule=plan.schedule, bytes_read=nbytes, split=rate(timer.graph(split), nbytes, read_gbps),
+    # programs of the compiled split kernel one SM holds at once (registers, shared memory): a wave is per_sm x sms
+    per_sm = decode.programs_per_sm(decode._decode_split_kernel,
+                                    decode._split_args(*args, 1.0, plan, hints["max_context_len"])[1], plan.meta, device)
+    return dict(case=name, batch=len(lens), programs=len(lens) * HKV * plan.splits, sms=sms, programs_per_sm=per_sm,
+                splits=plan.splits, auto_schedule=plan.schedule, bytes_read=nbytes,
+                split=rate(timer.graph(split), nbytes, read_gbps),
                 auto=rate(timer.graph(auto), nbytes, read_gbps))  # fmt: skip
 
 
