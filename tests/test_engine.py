@@ -167,12 +167,14 @@ def test_bad_input_is_named_before_anything_runs():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    with pytest.raises(NotImplementedError, match="lesson 04"):
-        LLMEngine(model, enable_prefix_caching=True)
-    with pytest.raises(NotImplementedError, match="lesson 03"):
-        LLMEngine(model, kv_cache_dtype="int8")
-    with pytest.raises(NotImplementedError, match="lesson 05"):
-        LLMEngine(model, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        LLMEngine(model, enable_prefix_caching="lru")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLMEngine(model, kv_cache_dtype="int2")
+    with pytest.raises(ValueError, match="unknown speculative option"):
+        LLMEngine(model, speculative={"method": "ngram", "k": 3})
+    with pytest.raises(ValueError, match="needs a 'model'"):
+        LLMEngine(model, speculative={"method": "draft", "num_speculative_tokens": 3})
     engine = LLMEngine(model, num_kv_blocks=8, block_size=4, max_model_len=64)
     good = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY))
     for prompt, sp, match in [([], None, "empty prompt"), ([1] * 64, None, "max_model_len"),

