@@ -75,3 +75,83 @@ def test_a_preempted_request_finds_its_own_prefix_again():
     assert engine.scheduler.num_preemptions > 0
     # hits beyond those at first admission: re-admitted requests started after their own cached tokens
     assert engine.cache.prefix_hit_tokens > sum(s.num_cached_tokens for s in seqs.values())
+
+
+def other_model(family: str, seed: int):
+    torch.manual_seed(seed)
+    return random_model(family, True)
+
+
+@pytest.mark.parametrize("method,k,family", [("ngram", 1, "llama"), ("ngram", 5, "qwen2"), ("draft", 1, "qwen2"),
+                                             ("draft", 6, "llama"), ("self", 5, "qwen2")])
+def test_speculative_decoding_is_exact(method, k, family):
+    """n-gram and draft proposals (a different random model; the target itself, whose drafts are always all
+    accepted, so max_tokens cuts into them); mixed lengths and a small pool that preempts."""
+    model = random_model(family, family == "llama")
+    spec = {"method": "ngram" if method == "ngram" else "draft", "num_speculative_tokens": k}
+    if method != "ngram":
+        spec["model"] = model if method == "self" else other_model(family, 1)
+    engine = LLMEngine(model, speculative=spec, num_kv_blocks=24, block_size=4, max_num_seqs=6,
+                       max_num_batched_tokens=32)
+    requests = mixed_requests(9, 10, model.config.vocab_size, max_prompt=19, max_new=23)
+    got, _ = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        assert tokens == reference(model, prompt, sp.max_tokens), f"prompt of {len(prompt)}"
+    s = engine.stats
+    assert s["spec_steps"] > 0 and s["spec_accepted"] > 0 and not engine.cache.sequences
+    assert engine.scheduler.num_preemptions > 0
+    if method == "self":
+        assert s["spec_accepted"] == s["spec_proposed"]
+    if method == "draft":
+        assert not engine.spec.speculator.proposer.cache.sequences  # the draft's state went with each request
+
+
+def test_speculative_steps_stream_several_tokens_and_stop_inside_the_drafts():
+    model = random_model("llama", True)
+    prompt = [5, 17, 3, 44, 9]
+    full = reference(model, prompt, 14)
+    engine = LLMEngine(model, speculative={"method": "draft", "num_speculative_tokens": 5, "model": model},
+                       num_kv_blocks=32, block_size=4)
+    stop = full[7]  # well inside one step's accepted drafts
+    (out,), _ = run(engine, [(prompt, SamplingParams(max_tokens=14, temperature=0, stop_token_ids=[stop]))])
+    assert out == full[:full.index(stop) + 1]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=14, **GREEDY))
+    chunks = []
+    while engine.has_unfinished_requests():
+        chunks += [o.new_token_ids for o in engine.step() if o.request_id == rid]
+    assert sum(chunks, []) == full and max(len(c) for c in chunks) == 6  # k + 1 tokens in one step
+    # an aborted request frees its draft state with its blocks
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=14, **GREEDY))
+    engine.step(), engine.step()
+    assert engine.spec.speculator.proposer.cache.sequences and engine.abort(rid)
+    assert not engine.spec.speculator.proposer.cache.sequences and not engine.cache.sequences
+
+
+@pytest.mark.parametrize("kind,method", [("hash", "ngram"), ("radix", "draft")])
+def test_prefix_caching_with_speculative_decoding_is_exact(kind, method):
+    model = random_model("qwen2", False)
+    spec = {"method": method, "num_speculative_tokens": 4}
+    if method == "draft":
+        spec["model"] = model  # always accepted: the drafts run into max_tokens
+    engine = LLMEngine(model, enable_prefix_caching=kind, speculative=spec, num_kv_blocks=20, block_size=4,
+                       max_num_seqs=5, max_num_batched_tokens=24)
+    first = shared_prefix_requests(4, model.config.vocab_size)
+    got, _ = run(engine, first)
+    second = [(p + o, SamplingParams(max_tokens=7, **GREEDY)) for (p, _), o in zip(first[:4], got)]
+    got2, _ = run(engine, second)
+    for (prompt, sp), tokens in zip(first + second, got + got2):
+        assert tokens == reference(model, prompt, sp.max_tokens)
+    assert engine.cache.prefix_hit_tokens > 0 and engine.stats["spec_accepted"] > 0 and not engine.cache.sequences
+
+
+def test_nexus_tiny_with_its_draft_is_exact():
+    model, tok = load_model("nexus-tiny")
+    draft, _ = load_model("nexus-tiny-draft", tokenizer=False)
+    engine = LLMEngine(model, tok, speculative={"method": "draft", "num_speculative_tokens": 5, "model": draft},
+                       enable_prefix_caching=True, num_kv_blocks=24, block_size=8)
+    prompts = [tok.encode(p) for p in ["def fibonacci(n):", "import os\nimport sys\n", "def fibonacci(n):\n    if"]]
+    requests = [(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, [21, 9, 17])]
+    got, _ = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        assert tokens == reference(model, prompt, sp.max_tokens)
+    assert engine.stats["spec_accepted"] > 0
