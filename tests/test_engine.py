@@ -209,16 +209,20 @@ def test_abort_frees_blocks_at_once_and_ends_the_request():
     assert finished == [b] and engine.cache.num_used_blocks == 0
 
 
-def test_soak_thousand_requests_with_arrivals_and_aborts():
+@pytest.mark.parametrize("prefix", [False, "radix"])
+def test_soak_thousand_requests_with_arrivals_and_aborts(prefix):
     """>= 1000 requests, random lengths and arrival times, random aborts, a pool that forces preemption:
-    every request ends exactly once, the pool is consistent after every step and empty at the end."""
+    every request ends exactly once, the pool is consistent after every step and empty at the end. With a
+    prefix cache the prompts share prefixes; its blocks are checked too (evictable ones count as free)."""
     from nexus_lessons import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1)).eval()
-    engine = LLMEngine(model, num_kv_blocks=24, block_size=4, max_num_seqs=12, max_num_batched_tokens=32)
+    engine = LLMEngine(model, num_kv_blocks=24, block_size=4, max_num_seqs=12, max_num_batched_tokens=32,
+                       enable_prefix_caching=prefix)
     rng = random.Random(0)
+    shared = [[rng.randrange(50) for _ in range(12)] for _ in range(4)]
     ended: dict[int, int] = {}
     live: set[int] = set()
     prompts: dict[int, tuple[list[int], int]] = {}
@@ -226,7 +230,7 @@ def test_soak_thousand_requests_with_arrivals_and_aborts():
     steps = 0
     while added < 1000 or engine.has_unfinished_requests():
         for _ in range(rng.choice([0, 0, 1, 1, 2, 3]) if added < 1000 else 0):
-            prompt = [rng.randrange(50) for _ in range(rng.randint(1, 30))]
+            prompt = rng.choice(shared)[:rng.randint(0, 12)] + [rng.randrange(50) for _ in range(rng.randint(1, 18))]
             n = rng.randint(1, 20)
             sp = SamplingParams(max_tokens=n, temperature=rng.choice([0.0, 1.0]), ignore_eos=rng.random() < 0.5)
             rid = engine.add_request(prompt, sp)
@@ -247,8 +251,9 @@ def test_soak_thousand_requests_with_arrivals_and_aborts():
         engine.check_consistent()
         steps += 1
     assert added >= 1000 and sorted(ended) == list(range(added)) and set(ended.values()) == {1}
-    assert engine.cache.num_used_blocks == 0 and engine.scheduler.num_preemptions > 0
+    assert not engine.cache.sequences and engine.cache.num_free_blocks == 24 and engine.scheduler.num_preemptions > 0
     assert not engine.requests and not live
+    assert (engine.cache.prefix_hit_tokens > 0) == bool(prefix)
 
 
 def test_serving_benchmark_smoke(tmp_path):

@@ -155,3 +155,37 @@ def test_nexus_tiny_with_its_draft_is_exact():
     for (prompt, sp), tokens in zip(requests, got):
         assert tokens == reference(model, prompt, sp.max_tokens)
     assert engine.stats["spec_accepted"] > 0
+
+
+@pytest.mark.parametrize("fmt,family", [("int8", "llama"), ("int4", "qwen2"), ("fp8", "llama")])
+def test_quantized_kv_equals_generate_over_the_same_format(fmt, family):
+    """Each request's tokens equal `generate` (batch 1) over a PagedKVCache of the same format: the same
+    quantization, written and read by the same kernels. Whole prompts in one chunk and no preemption (a
+    chunk boundary, or a recompute, changes which K/V are read quantized: not the same computation)."""
+    model = random_model(family, family == "llama")
+    engine = LLMEngine(model, kv_cache_dtype=fmt, num_kv_blocks=60, block_size=6, max_num_seqs=5,
+                       max_num_batched_tokens=128)
+    requests = mixed_requests(13, 8, model.config.vocab_size, max_prompt=21, max_new=15)
+    got, batches = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        cache = PagedKVCache.for_model(model, 8, 6, kv_cache_dtype=fmt)
+        want = generate(model, torch.tensor([prompt]), sp.max_tokens, cache=cache)[0, len(prompt):].tolist()
+        assert tokens == want, f"prompt of {len(prompt)}"
+    assert engine.scheduler.num_preemptions == 0 and any(0 < b.num_decode < len(b) for b in batches)
+    assert engine.cache.quant is not None and not engine.cache.sequences
+    if fmt == "int4":  # tail slots are reused (released lazily, at the next step's plan): no growth past the batch
+        assert engine.cache.quant.num_tail_slots <= 2 * 5
+
+
+def test_every_option_together_keeps_the_pool_consistent():
+    """int4 blocks + hash prefix caching + n-gram speculation + preemption: no exactness claim (quantized),
+    but every request ends with its length, and the pool is checked after every step."""
+    model = random_model("llama", True)
+    engine = LLMEngine(model, kv_cache_dtype="int4", enable_prefix_caching=True, num_kv_blocks=16, block_size=4,
+                       speculative={"method": "ngram", "num_speculative_tokens": 3}, max_num_seqs=5,
+                       max_num_batched_tokens=24)
+    requests = shared_prefix_requests(6, model.config.vocab_size)
+    got, _ = run(engine, requests)
+    assert [len(t) for t in got] == [sp.max_tokens for _, sp in requests]
+    assert engine.cache.prefix_hit_tokens > 0 and engine.scheduler.num_preemptions > 0
+    assert not engine.cache.sequences and engine.cache.num_free_blocks == engine.cache.num_blocks

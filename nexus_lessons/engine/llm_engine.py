@@ -92,6 +92,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.enable_prefix_caching not in (False, True, "hash", "radix"):
             raise ValueError(f"enable_prefix_caching must be a bool, 'hash' or 'radix', got {self.enable_prefix_caching!r}")
+        if self.kv_cache_dtype == "int4" and self.enable_prefix_caching == "radix":
+            raise ValueError("kv_cache_dtype='int4' keeps a block's unfilled tail outside the block, and the radix "
+                             "prefix cache shares partly filled blocks: use enable_prefix_caching='hash' with int4")
         if self.speculative is not None:
             spec = self.speculative
             if not isinstance(spec, dict) or spec.get("method") not in SPECULATIVE_METHODS:
