@@ -189,3 +189,43 @@ def test_every_option_together_keeps_the_pool_consistent():
     assert [len(t) for t in got] == [sp.max_tokens for _, sp in requests]
     assert engine.cache.prefix_hit_tokens > 0 and engine.scheduler.num_preemptions > 0
     assert not engine.cache.sequences and engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_int8_decode_steps_through_the_cuda_graph_layout(monkeypatch):
+    """int8 blocks on the CUDA-graph path, graphs emulated on the CPU as in test_engine.py (padded rows write
+    the scratch slot): still `generate` over an int8 PagedKVCache."""
+    from nexus_lessons.engine import model_runner
+
+    def record_eagerly(self, step):
+        out = step()
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_record", record_eagerly)
+    model = random_model("qwen2", True)
+    engine = LLMEngine(model, kv_cache_dtype="int8", num_kv_blocks=40, block_size=4, max_num_seqs=6,
+                       max_num_batched_tokens=64, max_model_len=64)
+    engine.runner.capture_graphs(model_runner.graph_batch_sizes(6))
+    engine.capacity = engine.cache.num_free_blocks * 4
+    requests = mixed_requests(11, 7, model.config.vocab_size, max_prompt=19, max_new=15)
+    got, _ = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        cache = PagedKVCache.for_model(model, 10, 4, kv_cache_dtype="int8")
+        assert tokens == generate(model, torch.tensor([prompt]), sp.max_tokens, cache=cache)[0, len(prompt):].tolist()
+    assert engine.stats["graph_steps"] > 0 and engine.scheduler.num_preemptions == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_quantized_kv_equals_generate_over_the_same_format(fmt):
+    """Compiled kernels; int8 decode steps replayed as CUDA graphs, int4 eager."""
+    model, tok = load_model("nexus-tiny", device="cuda")
+    engine = LLMEngine(model, tok, kv_cache_dtype=fmt, num_kv_blocks=64, block_size=16, max_num_seqs=6,
+                       max_num_batched_tokens=512)
+    requests = mixed_requests(21, 10, model.config.vocab_size, max_prompt=60, max_new=30)
+    got, _ = run(engine, requests)
+    for (prompt, sp), tokens in zip(requests, got):
+        cache = PagedKVCache.for_model(model, 8, 16, kv_cache_dtype=fmt)
+        want = generate(model, torch.tensor([prompt], device="cuda"), sp.max_tokens, cache=cache)
+        assert tokens == want[0, len(prompt):].tolist()
+    assert (engine.stats["graph_steps"] > 0) == (fmt == "int8")

@@ -14,7 +14,8 @@ same tensors.
 Quantized pools (lesson 03, `kv_cache_dtype="int8" | "fp8" | "int4"`): the model rotates q and k itself
 and calls `attend`; K/V are quantized as they are written (`quant.write`) and read back by the decode
 and extend kernels that dequantize in registers. int4 also needs the step's plan of tail slots
-(`QuantizedPool.plan`, built on the host by the runner), so these steps run eagerly.
+(`QuantizedPool.plan`, built on the host by the runner), so its steps run eagerly; int8 and fp8 decode
+steps are captured in CUDA graphs like plain ones.
 """
 
 from __future__ import annotations

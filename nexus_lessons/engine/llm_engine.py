@@ -17,8 +17,9 @@ The options of lessons 03-05 plug in here:
   K/V cached. Running sequences cache their full blocks after each prefill chunk, so requests that arrive
   while they run share them too.
 * `kv_cache_dtype="int8" | "fp8" | "int4"`: the pool stores quantized blocks (lesson 03) and every step
-  writes and reads them through the dequantizing kernels (forward_batch.py). These steps run eagerly:
-  int4's per-step plan of tail slots is built on the host, and no CUDA graph is captured for any format.
+  writes and reads them through the dequantizing kernels (forward_batch.py). int8 and fp8 decode steps
+  replay CUDA graphs like plain ones; int4 runs eagerly (its per-step plan of tail slots is built on the
+  host and its tail pool grows on demand, so the tensors a graph would read move).
 * `speculative={"method": "ngram" | "draft", "num_speculative_tokens": k, "model": ...}` (lesson 05): a
   step is then either prefill chunks (the scheduler with decodes left out) or one speculative step over
   the running sequences (speculative.batched.BatchedSpeculator: each row accepts its own number of
@@ -145,7 +146,7 @@ class LLMEngine:
         prefix = {True: "hash", False: None}.get(config.enable_prefix_caching, config.enable_prefix_caching)
         self.cache = PagedKVCache.for_model(self.model, num_blocks, config.block_size,
                                             kv_cache_dtype=config.kv_cache_dtype, prefix_cache=prefix)
-        eager = config.enforce_eager or self.cache.quant is not None or self.spec is not None  # see the docstring
+        eager = config.enforce_eager or config.kv_cache_dtype == "int4" or self.spec is not None  # see the docstring
         self.runner = ModelRunner(self.model, self.cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, enforce_eager=eager)
