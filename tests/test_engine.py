@@ -267,7 +267,13 @@ def test_serving_benchmark_smoke(tmp_path):
     assert set(r["sections"]) == set(serving.SECTIONS)
     assert not [name for name, row in r["sections"].items() if "error" in row]
     assert r["sections"]["check"]["all_equal"] and r["sections"]["throughput"]["output_tokens_per_s"] > 0
-    assert all("output_tokens_per_s" in row for row in r["sections"]["ablation"]["rows"].values())
+    rows = r["sections"]["ablation"]["rows"]
+    assert all("output_tokens_per_s" in row for row in rows.values())
+    assert {"quantized KV int8", "quantized KV int4 (eager)", "speculative n-gram, k = 4",
+            "shared-prefix workload: prefix caching"} < set(rows)
+    assert rows["shared-prefix workload: prefix caching"]["prefix_hit_rate"] > 0
+    assert rows["shared-prefix workload: engine"]["prefix_hit_rate"] == 0
+    assert 0 <= rows["speculative n-gram, k = 4"]["acceptance_rate"] <= 1
     s = r["sections"]["static"]
     assert s["static"]["steps"] > s["continuous"]["steps"] and s["static"]["output_tokens"] == s["continuous"]["output_tokens"]
 
