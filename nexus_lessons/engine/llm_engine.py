@@ -248,7 +248,7 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
         handle = self.runner.launch(batch, self._inflight)
         if self.cache.prefix_cache is not None:  # prefill chunks: their full blocks can serve other requests now
-            for seq, n in zip(batch.seqs[batch.num_decode:], batch.num_new[batch.num_decode:]):
+            for seq in batch.seqs[batch.num_decode:]:
                 self.cache.cache_tokens(seq.cache_seq)
         j = 0
         for seq, sampled in zip(batch.seqs, batch.samples):
