@@ -167,12 +167,14 @@ def test_bad_input_is_named_before_anything_runs():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    with pytest.raises(NotImplementedError, match="lesson 04"):
-        LLMEngine(model, enable_prefix_caching=True)
-    with pytest.raises(NotImplementedError, match="lesson 03"):
-        LLMEngine(model, kv_cache_dtype="int8")
-    with pytest.raises(NotImplementedError, match="lesson 05"):
-        LLMEngine(model, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        LLMEngine(model, enable_prefix_caching="lru")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLMEngine(model, kv_cache_dtype="int2")
+    with pytest.raises(ValueError, match="unknown speculative option"):
+        LLMEngine(model, speculative={"method": "ngram", "k": 3})
+    with pytest.raises(ValueError, match="needs a 'model'"):
+        LLMEngine(model, speculative={"method": "draft", "num_speculative_tokens": 3})
     engine = LLMEngine(model, num_kv_blocks=8, block_size=4, max_model_len=64)
     good = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY))
     for prompt, sp, match in [([], None, "empty prompt"), ([1] * 64, None, "max_model_len"),
@@ -207,16 +209,20 @@ def test_abort_frees_blocks_at_once_and_ends_the_request():
     assert finished == [b] and engine.cache.num_used_blocks == 0
 
 
-def test_soak_thousand_requests_with_arrivals_and_aborts():
+@pytest.mark.parametrize("prefix", [False, "radix"])
+def test_soak_thousand_requests_with_arrivals_and_aborts(prefix):
     """>= 1000 requests, random lengths and arrival times, random aborts, a pool that forces preemption:
-    every request ends exactly once, the pool is consistent after every step and empty at the end."""
+    every request ends exactly once, the pool is consistent after every step and empty at the end. With a
+    prefix cache the prompts share prefixes; its blocks are checked too (evictable ones count as free)."""
     from nexus_lessons import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1)).eval()
-    engine = LLMEngine(model, num_kv_blocks=24, block_size=4, max_num_seqs=12, max_num_batched_tokens=32)
+    engine = LLMEngine(model, num_kv_blocks=24, block_size=4, max_num_seqs=12, max_num_batched_tokens=32,
+                       enable_prefix_caching=prefix)
     rng = random.Random(0)
+    shared = [[rng.randrange(50) for _ in range(12)] for _ in range(4)]
     ended: dict[int, int] = {}
     live: set[int] = set()
     prompts: dict[int, tuple[list[int], int]] = {}
@@ -224,7 +230,7 @@ def test_soak_thousand_requests_with_arrivals_and_aborts():
     steps = 0
     while added < 1000 or engine.has_unfinished_requests():
         for _ in range(rng.choice([0, 0, 1, 1, 2, 3]) if added < 1000 else 0):
-            prompt = [rng.randrange(50) for _ in range(rng.randint(1, 30))]
+            prompt = rng.choice(shared)[:rng.randint(0, 12)] + [rng.randrange(50) for _ in range(rng.randint(1, 18))]
             n = rng.randint(1, 20)
             sp = SamplingParams(max_tokens=n, temperature=rng.choice([0.0, 1.0]), ignore_eos=rng.random() < 0.5)
             rid = engine.add_request(prompt, sp)
@@ -245,8 +251,9 @@ def test_soak_thousand_requests_with_arrivals_and_aborts():
         engine.check_consistent()
         steps += 1
     assert added >= 1000 and sorted(ended) == list(range(added)) and set(ended.values()) == {1}
-    assert engine.cache.num_used_blocks == 0 and engine.scheduler.num_preemptions > 0
+    assert not engine.cache.sequences and engine.cache.num_free_blocks == 24 and engine.scheduler.num_preemptions > 0
     assert not engine.requests and not live
+    assert (engine.cache.prefix_hit_tokens > 0) == bool(prefix)
 
 
 def test_serving_benchmark_smoke(tmp_path):
@@ -260,7 +267,13 @@ def test_serving_benchmark_smoke(tmp_path):
     assert set(r["sections"]) == set(serving.SECTIONS)
     assert not [name for name, row in r["sections"].items() if "error" in row]
     assert r["sections"]["check"]["all_equal"] and r["sections"]["throughput"]["output_tokens_per_s"] > 0
-    assert all("output_tokens_per_s" in row for row in r["sections"]["ablation"]["rows"].values())
+    rows = r["sections"]["ablation"]["rows"]
+    assert all("output_tokens_per_s" in row for row in rows.values())
+    assert {"quantized KV int8", "quantized KV int4 (eager)", "speculative n-gram, k = 4",
+            "shared-prefix workload: prefix caching"} < set(rows)
+    assert rows["shared-prefix workload: prefix caching"]["prefix_hit_rate"] > 0
+    assert rows["shared-prefix workload: engine"]["prefix_hit_rate"] == 0
+    assert 0 <= rows["speculative n-gram, k = 4"]["acceptance_rate"] <= 1
     s = r["sections"]["static"]
     assert s["static"]["steps"] > s["continuous"]["steps"] and s["static"]["output_tokens"] == s["continuous"]["output_tokens"]
 

@@ -1,6 +1,6 @@
 """Serving throughput of the engine (lesson 10) on a 1B-parameter Llama-shaped model, one run, one GPU.
 
-    python -m nexus_lessons.bench serving --out course/results/serving_h100.json     # about 5 minutes
+    python -m nexus_lessons.bench serving --out course/results/serving_h100.json     # about 6 minutes
     python -m nexus_lessons.bench serving --smoke --out /tmp/serving_smoke.json      # CPU, seconds
 
 The model has random weights (nothing can be downloaded): Llama-3.2-1B's shape with a 32k vocabulary and
@@ -18,7 +18,11 @@ Sections (`--sections`, default all), each recorded even when another fails:
 * static: continuous batching against static (request-level) batching of the same engine, 64 seats,
   512 requests whose output lengths are long-tailed (95% 16-128 tokens, 5% 768-1024).
 * batch1: one request decoding 512 tokens through the engine, against the weight-read bound.
-* ablation: the engine with CUDA graphs off (`enforce_eager`), and with a smaller prefill-chunk budget.
+* ablation: each feature's contribution, every row in this run beside the engine's own row: CUDA graphs
+  off (`enforce_eager`), a smaller prefill-chunk budget, quantized KV (int8 with CUDA graphs, int4 eager)
+  and speculative n-gram decoding (k = 4) on the same 64 requests (128 new tokens each); prefix caching
+  on a workload whose prompts share a 512-token prefix (a system prompt a warm-up request has already
+  left in the cache), against the engine without it (TTFT and hit rate).
 Throughputs are wall-clock times of whole runs after a warm-up run (a run is seconds long; TTFT and
 TPOT percentiles come with each).
 """
@@ -186,6 +190,7 @@ def main(argv=None) -> dict:
     tail_prompts = (4, 24) if smoke else (32, 256)
     tail_kw = dict(short=(2, 6), long=(24, 32), long_share=0.2) if smoke else {}
     b1_prompt, b1_tokens = (8, 16) if smoke else (128, 512)
+    shared_len, own_range = (16, (2, 8)) if smoke else (512, (16, 128))  # the prefix-caching workload
     results: dict = {"benchmark": "serving", **environment(), "smoke": smoke, "config": shape, "sections": {}}
     sec = results["sections"]
 
@@ -306,21 +311,39 @@ def main(argv=None) -> dict:
         nonlocal llm
         llm = None  # drop the first engine (its graphs and pool) before building others
         gc.collect()
-        half, n_new = prompts[: N // 2], [new_tokens // 4] * (N // 2)
+        quarter, n_new = prompts[: N // 4], [new_tokens // 4] * (N // 4)
+        rng = np.random.default_rng(15)
+        shared = rng.integers(0, shape["vocab_size"], shared_len).tolist()
+        with_prefix = [shared + rng.integers(0, shape["vocab_size"], rng.integers(*own_range)).tolist()
+                       for _ in quarter]
+        base = options | {"max_num_seqs": len(quarter), "num_kv_blocks": blocks // 4 + 64}
+        warm = prompts[N // 4: N // 4 + 8]  # warm-up requests outside the timed ones
+        warm_prefix = [shared + p[:8] for p in warm]  # these share only the prefix with the timed ones
         rows = {}
-        for name, extra in [("engine", {}), ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}),
-                            ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048})]:
+        spec = {"method": "ngram", "num_speculative_tokens": 4}
+        for name, extra, batch, warm_up in [
+                ("engine", {}, quarter, warm),
+                ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}, quarter, warm),
+                ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048}, quarter, warm),
+                ("quantized KV int8", {"kv_cache_dtype": "int8"}, quarter, warm),
+                ("quantized KV int4 (eager)", {"kv_cache_dtype": "int4"}, quarter, warm),
+                ("speculative n-gram, k = 4", {"speculative": spec}, quarter, warm),
+                ("shared-prefix workload: engine", {}, with_prefix, warm_prefix),
+                ("shared-prefix workload: prefix caching", {"enable_prefix_caching": True}, with_prefix, warm_prefix)]:
             try:
-                e = LLM(ours, **(options | {"max_num_seqs": len(half), "num_kv_blocks": blocks // 2} | extra))
-                run_engine(e, half[:8], [4] * len(half[:8]))  # warm-up
-                rows[name] = run_engine(e, half, n_new)
+                e = LLM(ours, **(base | extra))
+                run_engine(e, warm_up, [4] * len(warm_up))  # warm-up (prefix caching: the shared prefix gets cached)
+                rows[name] = run_engine(e, batch, n_new)
+                stats = e.engine.stats
+                if stats["spec_proposed"]:
+                    rows[name]["acceptance_rate"] = stats["spec_accepted"] / stats["spec_proposed"]
             except Exception as exc:
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             e = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        return {"requests": len(half), "new_tokens": n_new[0], "rows": rows}
+        return {"requests": len(quarter), "new_tokens": n_new[0], "shared_prefix_tokens": shared_len, "rows": rows}
 
     record("ablation", ablation_section)
 

@@ -32,8 +32,8 @@ class LLM:
 
     `model` is "nexus-tiny", a local Hugging Face folder, or a `Transformer` (with `tokenizer=` for text);
     the options are `EngineConfig`'s (max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-    enforce_eager, scheduling_policy, ...). After a run, `last_metrics` holds its throughput and
-    TTFT / TPOT percentiles.
+    enforce_eager, scheduling_policy, enable_prefix_caching, kv_cache_dtype, speculative, ...). After a run,
+    `last_metrics` holds its throughput, TTFT / TPOT percentiles and prefix-cache hit rate.
     """
 
     def __init__(self, model="nexus-tiny", tokenizer=None, **options) -> None:

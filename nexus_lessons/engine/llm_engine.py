@@ -10,6 +10,22 @@ A step schedules (scheduler.py), launches the forward and the sampling without w
 then reads back the tokens of the step launched before, checks stop conditions and frees the blocks of
 finished requests. Reading one step late lets the host prepare step t+1 while the device runs step t;
 the only cost is that a request stopped by a stop token has one more token computed and thrown away.
+
+The options of lessons 03-05 plug in here:
+* `enable_prefix_caching=True | "hash" | "radix"`: the pool gets a prefix cache (lesson 04); the scheduler
+  admits a request after its longest cached prefix, and every finished or preempted sequence leaves its
+  K/V cached. Running sequences cache their full blocks after each prefill chunk, so requests that arrive
+  while they run share them too.
+* `kv_cache_dtype="int8" | "fp8" | "int4"`: the pool stores quantized blocks (lesson 03) and every step
+  writes and reads them through the dequantizing kernels (forward_batch.py). int8 and fp8 decode steps
+  replay CUDA graphs like plain ones; int4 runs eagerly (its per-step plan of tail slots is built on the
+  host and its tail pool grows on demand, so the tensors a graph would read move).
+* `speculative={"method": "ngram" | "draft", "num_speculative_tokens": k, "model": ...}` (lesson 05): a
+  step is then either prefill chunks (the scheduler with decodes left out) or one speculative step over
+  the running sequences (speculative.batched.BatchedSpeculator: each row accepts its own number of
+  tokens, 1 to k + 1). Both run synchronously, without the overlap above; sampled requests then draw from
+  one engine generator (the distribution is the target's; a request's `seed` no longer fixes its draws).
+  The context keeps k positions of headroom for the drafts.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from .model_runner import ModelRunner, StepHandle
 from .sampling_params import SamplingParams
 from .scheduler import POLICIES, ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .speculate import Speculation
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "int4")
 SPECULATIVE_METHODS = ("ngram", "draft")
@@ -46,7 +63,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # no CUDA graphs
     scheduling_policy: str = "fcfs"  # or "priority"
-    enable_prefix_caching: bool = False  # lesson 04
+    enable_prefix_caching: bool | str = False  # lesson 04: True (= "hash") | "hash" | "radix"
     kv_cache_dtype: str = "auto"  # lesson 03: "int8" | "fp8" | "int4"
     speculative: dict | None = None  # lesson 05: {"method": "ngram" | "draft", "num_speculative_tokens": k, "model": ...}
     device: str | torch.device | None = None  # for a model loaded by name
@@ -74,6 +91,11 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.enable_prefix_caching not in (False, True, "hash", "radix"):
+            raise ValueError(f"enable_prefix_caching must be a bool, 'hash' or 'radix', got {self.enable_prefix_caching!r}")
+        if self.kv_cache_dtype == "int4" and self.enable_prefix_caching == "radix":
+            raise ValueError("kv_cache_dtype='int4' keeps a block's unfilled tail outside the block, and the radix "
+                             "prefix cache shares partly filled blocks: use enable_prefix_caching='hash' with int4")
         if self.speculative is not None:
             spec = self.speculative
             if not isinstance(spec, dict) or spec.get("method") not in SPECULATIVE_METHODS:
@@ -84,20 +106,6 @@ class EngineConfig:
             _check_int("num_speculative_tokens", spec.get("num_speculative_tokens", 5))
             if spec["method"] == "draft" and spec.get("model") is None:
                 raise ValueError("speculative method 'draft' needs a 'model' (a name, a folder or a Transformer)")
-        # Hook points for lessons 03-05: the options are checked above; what runs them is not merged yet.
-        if self.kv_cache_dtype != "auto":
-            raise NotImplementedError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} needs lesson 03's quantized pools: PagedKVCache("
-                "kv_cache_dtype=...) and a ForwardBatch that writes and reads them through its fused-dequant kernels")
-        if self.enable_prefix_caching:
-            raise NotImplementedError(
-                "enable_prefix_caching needs lesson 04's PagedKVCache(prefix_cache='hash'|'radix'): the scheduler "
-                "admits with `seq_id, num_cached = cache.add_sequence(prompt_token_ids)` and starts at num_cached")
-        if self.speculative is not None:
-            raise NotImplementedError(
-                "speculative decoding in the engine needs lesson 05's batched ragged verify "
-                "(SpeculativeDecoder / NGramSpeculator): the scheduler reserves k lookahead slots per decode row "
-                "and the runner verifies k drafted tokens per row in one extend forward")
 
 
 def _check_int(name: str, value) -> None:
@@ -122,6 +130,9 @@ class LLMEngine:
         self.model, self.tokenizer = _load(model, tokenizer, config)
         mc = self.model.config
         limit = mc.max_position_embeddings if mc.sliding_window is None else min(mc.max_position_embeddings, mc.sliding_window)
+        self.spec = None if config.speculative is None else Speculation(self.model, config.speculative)
+        self.lookahead = 0 if self.spec is None else self.spec.k  # slots a speculative step reserves beyond a token
+        limit -= self.lookahead
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context of {limit} tokens")
@@ -132,24 +143,31 @@ class LLMEngine:
             # norm, activation and residual folded in (kernels.gemv). Off the GPU the plain layers run.
             self.model.fuse_projections(fused_gemv=True)
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
-        self.cache = PagedKVCache.for_model(self.model, num_blocks, config.block_size)
+        prefix = {True: "hash", False: None}.get(config.enable_prefix_caching, config.enable_prefix_caching)
+        self.cache = PagedKVCache.for_model(self.model, num_blocks, config.block_size,
+                                            kv_cache_dtype=config.kv_cache_dtype, prefix_cache=prefix)
+        eager = config.enforce_eager or config.kv_cache_dtype == "int4" or self.spec is not None  # see the docstring
         self.runner = ModelRunner(self.model, self.cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
+                                  max_model_len=self.max_model_len, enforce_eager=eager)
         # What the pool holds for requests (the runner may keep one scratch block for CUDA-graph padding).
         self.capacity = self.cache.num_free_blocks * config.block_size
         self.scheduler = Scheduler(self.cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=config.scheduling_policy)
+        self.scheduler.on_release = self._on_release
         self.requests: dict[int, Sequence] = {}  # unfinished requests by id
         self._next_id = 0
         self._inflight: StepHandle | None = None
         self.last_batch: ScheduledBatch | None = None  # what the last step launched (the lesson's timeline)
-        self.stats = {"steps": 0, "graph_steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.stats = {"steps": 0, "graph_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
+                      "spec_steps": 0, "spec_proposed": 0, "spec_accepted": 0}
 
     def _default_num_blocks(self) -> int:
         c, bs = self.model.config, self.config.block_size
-        block_bytes = 2 * c.num_hidden_layers * bs * c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize
+        pools = [PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bs, n, dtype=self.model.dtype,
+                              device="meta", kv_cache_dtype=self.config.kv_cache_dtype) for n in (1, 2)]
+        block_bytes = pools[1].nbytes - pools[0].nbytes  # one block, scales included (not int4's tail slots)
         wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
         if self.model.device.type != "cuda":
             return max(1, min(wanted, CPU_KV_BYTES // block_bytes))
@@ -184,7 +202,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
                              f"{self.max_model_len} tokens (max_model_len)")
-        need = min(len(ids) + params.max_tokens, self.max_model_len) - 1  # tokens whose K/V get stored
+        need = min(len(ids) + params.max_tokens, self.max_model_len) - 1 + self.lookahead  # K/V slots it can hold
         if need > self.capacity:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV slots "
                              f"but the whole pool holds {self.capacity}: raise num_kv_blocks or lower max_tokens")
@@ -215,26 +233,56 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.spec is not None:
+            return self._speculative_step()
         batch = self.scheduler.schedule()
-        for seq in batch.preempted:
-            self.runner.release(seq)
         handle = None
         if len(batch):
-            handle = self.runner.launch(batch, self._inflight)
-            j = 0
-            for seq, sampled in zip(batch.seqs, batch.samples):
-                if sampled:
-                    seq.num_pending += 1
-                    seq.pending_index = j
-                    j += 1
-            self.stats["steps"] += 1
-            self.stats["graph_steps"] += handle.graph
-            self.stats["decode_tokens"] += batch.num_decode
-            self.stats["prefill_tokens"] += batch.num_tokens - batch.num_decode
+            handle = self._launch(batch)
         elif self._inflight is None and self.scheduler.has_unfinished():
             raise RuntimeError("the scheduler found nothing to run with nothing in flight")  # a bug, not bad input
         outputs = self._collect(self._inflight) if self._inflight is not None else []
         self._inflight, self.last_batch = handle, batch
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        handle = self.runner.launch(batch, self._inflight)
+        if self.cache.prefix_cache is not None:  # prefill chunks: their full blocks can serve other requests now
+            for seq in batch.seqs[batch.num_decode:]:
+                self.cache.cache_tokens(seq.cache_seq)
+        j = 0
+        for seq, sampled in zip(batch.seqs, batch.samples):
+            if sampled:
+                seq.num_pending += 1
+                seq.pending_index = j
+                j += 1
+        self.stats["steps"] += 1
+        self.stats["graph_steps"] += handle.graph
+        self.stats["decode_tokens"] += batch.num_decode
+        self.stats["prefill_tokens"] += batch.num_tokens - batch.num_decode
+        return handle
+
+    def _speculative_step(self) -> list[StepOutput]:
+        """Prefill chunks if any sequence needs one, else one speculative decode step over the running ones."""
+        batch = self.scheduler.schedule(decode=False)
+        self.last_batch = batch
+        if len(batch):
+            return self._collect(self._launch(batch))
+        rows = self.spec.reserve(self.scheduler, self.config.max_num_batched_tokens)
+        if not rows:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler found nothing to run")  # a bug, not bad input
+            return []
+        new = self.spec.step(self.cache, rows)
+        self.stats["spec_steps"] += 1
+        self.stats["spec_proposed"] += sum(self.spec.speculator.last_proposed)
+        self.stats["spec_accepted"] += sum(self.spec.speculator.last_accepted)
+        outputs = []
+        for seq, tokens in zip(rows, new):
+            seq.num_computed = self.cache.num_tokens(seq.cache_seq)  # its tokens + the drafts it kept
+            out = self._append(seq, tokens, time.perf_counter())
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _collect(self, handle: StepHandle) -> list[StepOutput]:
@@ -249,24 +297,37 @@ class LLMEngine:
             if seq.is_finished:  # aborted, or stopped while this step was in flight: the token is dropped
                 continue
             seq.num_pending -= 1
+            outputs.append(self._append(seq, [tok], now))
+        return outputs
+
+    def _append(self, seq: Sequence, tokens: list[int], now: float) -> StepOutput:
+        """Add a request's new tokens up to the first stop token or its length; finish it there."""
+        reason, kept = None, []
+        for tok in tokens:
             seq.token_ids.append(tok)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = None
+            kept.append(tok)
             if tok in seq.stop_ids:
                 reason = "stop"
             elif len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens, or the model's context
                 reason = "length"
             if reason is not None:
-                del self.requests[seq.request_id]
-                seq.finish_time = now
-                self._finish(seq, reason)
-            outputs.append(StepOutput(seq.request_id, [tok], reason is not None, reason, seq))
-        return outputs
+                break
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if reason is not None:
+            del self.requests[seq.request_id]
+            seq.finish_time = now
+            self._finish(seq, reason)
+        return StepOutput(seq.request_id, kept, reason is not None, reason, seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)  # calls _on_release if it holds blocks
+
+    def _on_release(self, seq: Sequence) -> None:
+        """The scheduler is about to free a sequence's blocks (finished, aborted or preempted)."""
         self.runner.release(seq)
-        self.scheduler.finish(seq, reason)
+        if self.spec is not None:
+            self.spec.free(seq.cache_seq)
 
     def check_consistent(self) -> None:
         """Assert the pool's invariants and that the blocks held are exactly the running sequences' (tests)."""
@@ -278,7 +339,7 @@ class LLMEngine:
         if set(self.cache.sequences) != expected:
             raise AssertionError(f"cache sequences {sorted(self.cache.sequences)} != held {sorted(expected)}")
         for s in self.scheduler.running:
-            if self.cache.tables.num_tokens(s.cache_seq) != s.num_computed:
+            if not self.cache.tables.num_tokens(s.cache_seq) == self.cache.num_tokens(s.cache_seq) == s.num_computed:
                 raise AssertionError(f"request {s.request_id}: {s.num_computed} computed, "
                                      f"{self.cache.tables.num_tokens(s.cache_seq)} slots reserved")
 

@@ -20,9 +20,11 @@ def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
 def summarize(seqs: list[Sequence], wall_s: float) -> dict:
     """Per-run figures from finished sequences and the run's wall time (seconds)."""
     out_tokens = sum(len(s.output_token_ids) for s in seqs)
+    prompt_tokens = sum(s.num_prompt_tokens for s in seqs)
     return {
         "requests": len(seqs),
-        "prompt_tokens": sum(s.num_prompt_tokens for s in seqs),
+        "prompt_tokens": prompt_tokens,
+        "prefix_hit_rate": sum(s.num_cached_tokens for s in seqs) / prompt_tokens if prompt_tokens else 0.0,
         "output_tokens": out_tokens,
         "wall_s": wall_s,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,

@@ -180,7 +180,8 @@ class ModelRunner:
             self.fb.set(positions=positions, slot_mapping=slot_mapping, num_decode=nd,
                         block_tables=tables_d.view(B, width), context_lens=lens_d, query_start_loc=qsl_d,
                         max_query_len=int(counts[nd:].max()) if nd < B else 1,
-                        max_context_len=int(ends.max()), mean_context_len=float(ends.mean()))
+                        max_context_len=int(ends.max()), mean_context_len=float(ends.mean()),
+                        quant_plan=self._quant_plan(seqs, starts_l, counts_l))
             if S == N:  # every token samples (a decode batch): the whole forward's logits
                 logits = self.model(input_ids[None], cache=self.fb)[0]
             else:  # the lm_head only for the last token of each chunk that reaches its sequence's end
@@ -203,6 +204,14 @@ class ModelRunner:
             host.copy_(tokens)
         self.turn ^= 1
         return StepHandle(batch, tokens, host, event, graph_size is not None)
+
+    def _quant_plan(self, seqs: list[Sequence], starts: list[int], counts: list[int]):
+        """int4's tail-slot plan for this step (None for other formats)."""
+        quant, tables = self.cache.quant, self.cache.tables
+        if quant is None or quant.fmt != "int4":
+            return None
+        live = {sid: (tables.seqs[sid].blocks, self.cache.num_tokens(sid)) for sid in tables.seq_ids()}
+        return quant.plan([tables.seqs[s.cache_seq].blocks for s in seqs], starts, counts, live, self.device)
 
     def _upload(self, parts64: list[np.ndarray], parts32: list[np.ndarray]):
         """Pack host arrays into this turn's pinned buffers, one copy each to the device; device views back."""

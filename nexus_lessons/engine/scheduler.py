@@ -10,6 +10,11 @@ Blocks are reserved before the forward. When a running sequence cannot get one, 
 running sequence is preempted by recompute: its blocks are freed, it goes back to the waiting queue with
 every token it has produced, and when it is admitted again it is prefilled over prompt + outputs, so no
 token is lost or repeated. No new request is admitted in a step that preempted (that would thrash).
+
+With a prefix cache (lesson 04) a request is admitted with `cache.add_sequence(its tokens)`, which attaches
+the longest cached prefix; its prefill starts after it. Finished and preempted sequences give their
+blocks back through `cache.free(seq, their tokens)`, which caches what they computed, so a preempted
+request usually finds its own prefix again when it is re-admitted.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Scheduler:
         # Admission keeps this many blocks free for the running sequences' next tokens.
         self.watermark = max(1, cache.num_blocks // 100)
         self.num_preemptions = 0
+        self.on_release: Callable[[Sequence], None] | None = None  # told before a sequence's blocks go
 
     def add(self, seq: Sequence) -> None:
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
@@ -73,7 +79,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, decode: bool = True) -> ScheduledBatch:
+        """The next step's rows. `decode=False` leaves out sequences that would feed one token (speculative
+        decoding runs those in its own step)."""
         budget = self.max_num_batched_tokens
         free = self.cache.num_free_blocks
         bs = self.cache.block_size
@@ -85,7 +93,7 @@ class Scheduler:
         while i < len(running) and budget > 0 and len(rows) < self.max_num_seqs:
             seq = running[i]
             c, t = seq.num_computed, len(seq.token_ids) + seq.num_pending
-            if t >= seq.max_num_tokens or c >= t:  # every token it may have is sampled, or all computed
+            if t >= seq.max_num_tokens or c >= t or (not decode and c == t - 1):  # nothing to feed (here)
                 i += 1
                 continue
             n = min(t - c, budget)
@@ -107,12 +115,16 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last token was in flight: wait until it is read back
                 break
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = -(-n // bs)
+            cache_seq, hit, taken = self._attach(seq)
+            n = min(seq.num_tokens - hit, budget)
+            need = self.cache.tables.blocks_needed({cache_seq: n}) + taken
             if need > free or (running and free - need < self.watermark):
+                self._detach(cache_seq, hit)
                 break
             self.waiting.pop(0)
-            seq.cache_seq, seq.status = self.cache.add_sequence(), Status.RUNNING
+            seq.cache_seq, seq.status, seq.num_computed = cache_seq, Status.RUNNING, hit
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit
             free -= need
             seq.num_computed += n
             reserve[seq.cache_seq] = n
@@ -120,6 +132,8 @@ class Scheduler:
             rows.append((seq, n))
             budget -= n
         self.cache.tables.append_slots_many(reserve)  # all or nothing; the counts above make it fit
+        for seq, _ in rows:  # the engine's forward writes these slots: tell the cache (prefix caching reads it)
+            self.cache.mark_computed(seq.cache_seq, seq.num_computed)
 
         batch = ScheduledBatch(preempted=preempted)
         for seq, n in sorted(rows, key=lambda r: r[1] > 1):  # stable: one-token rows first, order kept
@@ -129,11 +143,34 @@ class Scheduler:
         batch.num_decode = sum(1 for n in batch.num_new if n == 1)
         return batch
 
+    def _attach(self, seq: Sequence) -> tuple[int, int, int]:
+        """A cache sequence for `seq`: (its id, tokens found in the prefix cache, evictable blocks it took)."""
+        if self.cache.prefix_cache is None:
+            return self.cache.add_sequence(), 0, 0
+        before = self.cache.num_free_blocks
+        cache_seq = self.cache.add_sequence(seq.token_ids)
+        return cache_seq, self.cache.num_tokens(cache_seq), before - self.cache.num_free_blocks
+
+    def _detach(self, cache_seq: int, hit: int) -> None:
+        """Undo `_attach` of a request that does not fit after all (it stays waiting)."""
+        self.cache.free(cache_seq)
+        self.cache.prefix_hit_tokens -= hit
+
+    def _release(self, seq: Sequence) -> int:
+        """Give the sequence's blocks back (its computed tokens stay in the prefix cache, if any); returns
+        how many blocks became free."""
+        if self.on_release is not None:
+            self.on_release(seq)
+        before = self.cache.num_free_blocks
+        self.cache.free(seq.cache_seq, seq.token_ids if self.cache.prefix_cache is not None else None)
+        seq.cache_seq = None
+        return self.cache.num_free_blocks - before
+
     def preempt(self, seq: Sequence) -> int:
         """Free the sequence's blocks and queue it again; it is recomputed from its tokens when re-admitted.
         Returns how many blocks went back to the pool."""
-        freed = self.cache.free(seq.cache_seq)
-        seq.cache_seq, seq.num_computed = None, 0
+        freed = self._release(seq)
+        seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(seq)
@@ -143,8 +180,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out for good (finished or aborted); its blocks go back to the pool at once."""
         if seq.cache_seq is not None:
-            self.cache.free(seq.cache_seq)
-            seq.cache_seq = None
+            self._release(seq)
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:

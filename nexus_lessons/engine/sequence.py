@@ -42,6 +42,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
     max_num_tokens: int = 0  # prompt + max_tokens, capped by the model's context (set when queued)
     stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) and the request's stop_token_ids
     token_ids: list[int] = field(init=False)

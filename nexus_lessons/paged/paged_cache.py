@@ -283,6 +283,13 @@ class PagedKVCache:
             del self._token_ids[seq_id][num_tokens:]
         return freed
 
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
+        """For a caller that writes the pools itself (lesson 10's engine): the first `num_tokens` reserved
+        slots of the sequence hold K/V, or will once its launched forward runs (what `free` caches)."""
+        if not 0 <= num_tokens <= self.tables.num_tokens(seq_id):
+            raise ValueError(f"sequence {seq_id} has {self.tables.num_tokens(seq_id)} slots, not {num_tokens}")
+        self._computed[seq_id] = num_tokens
+
     def block_table(self, seq_id: int) -> list[int]:
         return self.tables.block_table(seq_id)
 
