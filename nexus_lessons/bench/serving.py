@@ -1,6 +1,6 @@
 """Serving throughput of the engine (lesson 10) on a 1B-parameter Llama-shaped model, one run, one GPU.
 
-    python -m nexus_lessons.bench serving --out course/results/serving_h100.json     # about 6 minutes
+    python -m nexus_lessons.bench serving --out course/results/serving_gpu.json     # about 6 minutes
     python -m nexus_lessons.bench serving --smoke --out /tmp/serving_smoke.json      # CPU, seconds
 
 The model has random weights (nothing can be downloaded): Llama-3.2-1B's shape with a 32k vocabulary and
@@ -173,7 +173,7 @@ def section_check(device: torch.device, smoke: bool) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="course/results/serving_h100.json")
+    ap.add_argument("--out", default="course/results/serving_gpu.json")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
     args = ap.parse_args(argv)
