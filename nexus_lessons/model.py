@@ -247,6 +247,9 @@ class Transformer(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             mask = attention_mask_for_padding(valid)
         else:
+            if position_ids is None and T > self.config.max_position_embeddings:  # a packed batch may exceed it
+                raise ValueError(f"{T} tokens are past the model's max_position_embeddings "
+                                 f"({self.config.max_position_embeddings})")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if position_ids is not None:
             positions = position_ids
@@ -272,9 +275,6 @@ class Transformer(nn.Module):
             raise ValueError("input_ids is empty: give at least one token")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        limit = self.config.max_position_embeddings
-        if attention_mask is None and input_ids.shape[1] > limit:
-            raise ValueError(f"{input_ids.shape[1]} tokens are past the model's max_position_embeddings ({limit})")
         if read_ids is None:
             read_ids = input_ids.device.type != "cuda" and not torch.compiler.is_compiling()
         if read_ids:

@@ -86,6 +86,18 @@ def test_greedy_equals_generate(family, tie, scenario):
     assert engine.cache.num_used_blocks == 0
 
 
+def test_a_packed_step_may_hold_more_tokens_than_one_sequence_may_reach():
+    """Chunked prefill packs many prompts into one row; only each sequence's positions meet the model's limit."""
+    model = random_model("llama", True)
+    model.config.max_position_embeddings = 48
+    engine = LLMEngine(model, num_kv_blocks=64, block_size=8, max_num_seqs=12, max_num_batched_tokens=160)
+    requests = mixed_requests(3, 12, model.config.vocab_size)  # prompt + output <= 40 tokens each
+    got, batches = run(engine, requests)
+    assert max(sum(b.num_new) for b in batches) > 48
+    for (prompt, sp), tokens in zip(requests, got):
+        assert tokens == reference(model, prompt, sp.max_tokens)
+
+
 def test_nexus_tiny_greedy_equals_generate_with_text_prompts():
     llm = LLM("nexus-tiny", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=16, block_size=8)
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):", "x = ["]

@@ -24,10 +24,10 @@ if not HAS_CUDA:  # build the kernels under the interpreter, then put the enviro
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import nexus_lessons.kernels.paged_attention as pa
+        import nexus_lessons.kernels.common as pa
         import nexus_lessons.kernels.quant_attention as qa
         import nexus_lessons.kernels.quant_write  # noqa: F401
-    except ImportError:
+    except ImportError:  # no triton at all: the kernel tests skip below
         pa = qa = None
     finally:
         if _saved is None:
@@ -35,7 +35,7 @@ if not HAS_CUDA:  # build the kernels under the interpreter, then put the enviro
         else:
             os.environ["TRITON_INTERPRET"] = _saved
 else:
-    import nexus_lessons.kernels.paged_attention as pa
+    import nexus_lessons.kernels.common as pa
     import nexus_lessons.kernels.quant_attention as qa
 
 import nexus_lessons as nl  # noqa: E402
