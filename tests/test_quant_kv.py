@@ -24,18 +24,18 @@ if not HAS_CUDA:  # build the kernels under the interpreter, then put the enviro
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import nexus_lessons.kernels.common as pa
+        import nexus_lessons.kernels.common as common
         import nexus_lessons.kernels.quant_attention as qa
         import nexus_lessons.kernels.quant_write  # noqa: F401
     except ImportError:  # no triton at all: the kernel tests skip below
-        pa = qa = None
+        common = qa = None
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = _saved
 else:
-    import nexus_lessons.kernels.common as pa
+    import nexus_lessons.kernels.common as common
     import nexus_lessons.kernels.quant_attention as qa
 
 import nexus_lessons as nl  # noqa: E402
@@ -43,7 +43,7 @@ from nexus_lessons.kernels import quant as Q  # noqa: E402
 from nexus_lessons.kernels import quant_reference as R  # noqa: E402
 from nexus_lessons.kernels.quant_reference import bytes_per_token  # noqa: E402
 
-TRITON_OK = pa is not None and (HAS_CUDA or pa.interpreting())
+TRITON_OK = common is not None and (HAS_CUDA or common.interpreting())
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels unavailable")
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 FORMATS = ["int8", "fp8", "int4"]
@@ -490,7 +490,7 @@ def test_kv_quality_smoke(tmp_path):
     assert data["formats"]["int4"]["bytes_per_token_per_layer"] < data["formats"]["int8"]["bytes_per_token_per_layer"]
 
 
-@pytest.mark.skipif(HAS_CUDA or pa is None, reason="the CPU smoke run, under the interpreter")
+@pytest.mark.skipif(HAS_CUDA or common is None, reason="the CPU smoke run, under the interpreter")
 def test_quant_decode_smoke_under_the_interpreter(tmp_path):
     import json
 
