@@ -279,6 +279,8 @@ def test_serving_benchmark_smoke(tmp_path):
     assert set(r["sections"]) == set(serving.SECTIONS)
     assert not [name for name, row in r["sections"].items() if "error" in row]
     assert r["sections"]["check"]["all_equal"] and r["sections"]["throughput"]["output_tokens_per_s"] > 0
+    for row in (r["sections"]["throughput"], r["sections"]["static"]["static"]):  # where a run's time went
+        assert 0 < row["host_s"] + row["wait_s"] <= row["wall_s"] and row["compiles_in_run"] == []
     rows = r["sections"]["ablation"]["rows"]
     assert all("output_tokens_per_s" in row for row in rows.values())
     assert {"quantized KV int8", "quantized KV int4 (eager)", "speculative n-gram, k = 4",

@@ -822,6 +822,28 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 @gpu
 @needs_cuda
+def test_count_compiles_sees_a_compile_and_then_none():
+    """The benchmarks' check that a timed run compiled nothing: a new kernel compiles once, then is cached."""
+    import triton
+    import triton.language as tl
+
+    from nexus_lessons.bench.common import count_compiles
+
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
+
+    x = torch.zeros(100, device=DEV)
+    with count_compiles() as first:
+        _add_one[(1,)](x, 100, BLOCK=128)
+    with count_compiles() as second:
+        _add_one[(1,)](x, 100, BLOCK=128)
+    assert first == ["_add_one"] and second == [] and x.eq(2).all()
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("splits", [None, 1, 7, 64])
 def test_gpu_decode(dtype, splits):

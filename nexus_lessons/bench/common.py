@@ -3,6 +3,7 @@ CUDA-event timing (eager and graphed)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
@@ -39,6 +40,29 @@ def environment() -> dict[str, Any]:
     else:
         env["device"] = f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
     return env
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that collects the name of every Triton kernel compiled (or loaded from the disk cache)
+    inside the block. A timed run should find it empty: a compile there is a warm-up that missed a shape."""
+    names: list[str] = []
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton: nothing compiles
+        yield names
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(*, fn, **kwargs):
+        names.append(fn.name.rsplit(".", 1)[-1])  # the qualified name's last part
+        return previous(fn=fn, **kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
 
 
 def command_line() -> str:

@@ -15,7 +15,7 @@ bandwidth of a large ``torch.sum`` measured in the same run (the datasheet figur
 time as a fraction of the bf16 kernel's at the same shape. Times are medians: ``ms`` replays the call in a
 CUDA graph (``triton.testing.do_bench_cudagraph``), ``ms_eager`` is ``do_bench`` with the L2 flushed
 before every call, the public function's launch cost included. Before any timing each kernel is checked
-against its PyTorch reference on the same quantized data. ``variants`` times a few tile / warp / stage /
+against its PyTorch reference on the same quantized data (``max_err``: absolute below 1, relative above). ``variants`` times a few tile / warp / stage /
 split choices per format on the same data, so one run says what to tune. Extend: 4 sequences of 1024
 cached + 512 new tokens (the prefix read from the quantized pool), against lesson 02's extend on bf16.
 """
@@ -154,12 +154,16 @@ def bytes_read(fmt: str, page: int, batch: int, context: int, heads: tuple[int, 
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+    """max |a - b| / max(1, |b|): absolute below 1, relative above. The outputs are bf16, whose rounding
+    step grows with the value (1/32 between 4 and 8, where the peaked attention of outlier keys puts a few
+    outputs), so an absolute bound would fail a kernel that differs from its reference by one rounding."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs() / b.abs().clamp(min=1)).max().item()
 
 
 def check(what: str, err: float, tol: float) -> None:
     if not err <= tol:  # NaN fails too
-        raise AssertionError(f"{what}: max abs error {err:.4g} > {tol}: not timing a wrong answer")
+        raise AssertionError(f"{what}: max error {err:.4g} (scaled by max(1, |ref|)) > {tol}: not timing a wrong answer")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +259,7 @@ def run_decode(run: Run, batch: int, context: int, read_gbs: float | None) -> No
             nbytes = bytes_read(fmt, page, batch, context, heads)
             ms = time_graph(call, dev)
             row = dict(format=fmt, block_size=page, bytes=nbytes, ms=round(ms, 5), ms_eager=round(time_eager(call, dev), 5),
-                       gbs=round(nbytes / ms / 1e6, 1), max_abs_err_vs_reference=err, num_splits=splits)  # fmt: skip
+                       gbs=round(nbytes / ms / 1e6, 1), max_err_vs_reference=err, num_splits=splits)  # fmt: skip
             if read_gbs:
                 row["pct_read"] = round(100 * row["gbs"] / read_gbs, 1)
             if fmt == "bf16":
@@ -334,7 +338,7 @@ def run_extend(run: Run, batch: int, cached: int, new: int) -> None:
                 check(f"extend {name} {label} vs its reference", err, 3e-2)
             ms = time_graph(call, dev)
             row = dict(format=fmt, block_size=page, ms=round(ms, 5), ms_eager=round(time_eager(call, dev), 5),
-                       tflops=round(flops / ms / 1e9, 1), max_abs_err_vs_reference=err)  # fmt: skip
+                       tflops=round(flops / ms / 1e9, 1), max_err_vs_reference=err)  # fmt: skip
             case["formats"].append(row)
             print(f"  {label:16s} {row['ms']:.4f} ms  {row['tflops']} TFLOP/s", flush=True)
             del data, pool

@@ -23,8 +23,10 @@ Sections (`--sections`, default all), each recorded even when another fails:
   and speculative n-gram decoding (k = 4) on the same 64 requests (128 new tokens each); prefix caching
   on a workload whose prompts share a 512-token prefix (a system prompt a warm-up request has already
   left in the cache), against the engine without it (TTFT and hit rate).
-Throughputs are wall-clock times of whole runs after a warm-up run (a run is seconds long; TTFT and
-TPOT percentiles come with each).
+Throughputs are wall-clock times of whole runs after a warm-up run of the same requests (the ablation's
+warm-ups give them 8 new tokens); each row lists the Triton kernels compiled inside the timed run (there
+should be none), its steps and CUDA-graph steps, and its host and device-wait seconds (an engine that
+never waits for the device is host-bound). TTFT and TPOT percentiles come with each.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import numpy as np
 import torch
 
 from ..engine import LLM, SamplingParams
+from ..engine.metrics import summarize
 from ..generate import generate
 from ..loading import from_hf
-from .common import environment, save_json
+from .common import count_compiles, environment, save_json
 from .gpu_decode import LLAMA_1B
 
 SECTIONS = ("check", "transformers", "throughput", "variable", "static", "batch1", "ablation")
@@ -116,32 +119,42 @@ def bandwidth_bound(prompt_lens, output_lens, weight_bytes: int, kv_bytes_per_to
 
 
 def run_engine(llm: LLM, prompts, lengths, **params) -> dict:
+    """One timed run through `LLM.generate`: its metrics, the engine's step counters over the run (steps,
+    CUDA-graph steps, host and device-wait seconds) and the Triton kernels compiled during it (none, when
+    the warm-up covered every shape)."""
     sps = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n, **params) for n in lengths]
     stats0 = dict(llm.engine.stats)
-    outs = llm.generate(prompts, sps, use_tqdm=False)
+    with count_compiles() as compiled:
+        outs = llm.generate(prompts, sps, use_tqdm=False)
     assert [len(o.token_ids) for o in outs] == list(lengths)
     m = dict(llm.last_metrics)
-    m["steps"] = llm.engine.stats["steps"] - stats0["steps"]
-    m["graph_steps"] = llm.engine.stats["graph_steps"] - stats0["graph_steps"]
+    for key in ("steps", "graph_steps", "host_s", "wait_s"):
+        m[key] = llm.engine.stats[key] - stats0[key]
+    m["compiles_in_run"] = compiled
     return m
+
+
+def warm_then_time(llm: LLM, prompts, lengths) -> dict:
+    """The run timed the second time: the first, identical, compiles every kernel variant it meets."""
+    warm = run_engine(llm, prompts, lengths)
+    return run_engine(llm, prompts, lengths) | {"compiles_in_warmup": len(warm["compiles_in_run"])}
 
 
 def run_static(llm: LLM, prompts, lengths, seats: int) -> dict:
     """Request-level batching through the same engine: `seats` requests run until all are done, then the next."""
     engine = llm.engine
+    stats0 = dict(engine.stats)
     t0 = time.perf_counter()
-    steps = 0
     seqs = []
-    for i in range(0, len(prompts), seats):
-        for p, n in zip(prompts[i:i + seats], lengths[i:i + seats]):
-            engine.add_request(p, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n))
-        while engine.has_unfinished_requests():
-            seqs += [o.sequence for o in engine.step() if o.finished]
-            steps += 1
+    with count_compiles() as compiled:
+        for i in range(0, len(prompts), seats):
+            for p, n in zip(prompts[i:i + seats], lengths[i:i + seats]):
+                engine.add_request(p, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n))
+            while engine.has_unfinished_requests():
+                seqs += [o.sequence for o in engine.step() if o.finished]
     wall = time.perf_counter() - t0
-    from ..engine.metrics import summarize
-
-    return summarize(seqs, wall) | {"steps": steps}
+    return summarize(seqs, wall) | {key: engine.stats[key] - stats0[key] for key in
+                                    ("steps", "graph_steps", "host_s", "wait_s")} | {"compiles_in_run": compiled}
 
 
 def section_check(device: torch.device, smoke: bool) -> dict:
@@ -276,12 +289,11 @@ def main(argv=None) -> dict:
         if llm is None:
             t = time.perf_counter()
             llm = LLM(ours, **options)
-            run_engine(llm, prompts[:N // 2], [4] * (N // 2))  # warm-up: Triton compiles the extend kernel
             results["engine_setup_s"] = time.perf_counter() - t
         return llm
 
     def throughput_section() -> dict:
-        m = run_engine(engine(), prompts, fixed)
+        m = warm_then_time(engine(), prompts, fixed)
         m["fraction_of_bound"] = m["output_tokens_per_s"] / results["bound_tokens_per_s"]
         hf_row = sec.get("transformers", {})
         best_hf = max(hf_row.get("output_tokens_per_s", 0), hf_row.get("span_output_tokens_per_s", 0))
@@ -290,7 +302,7 @@ def main(argv=None) -> dict:
         return m
 
     def variable_section() -> dict:
-        m = run_engine(engine(), prompts, variable)
+        m = warm_then_time(engine(), prompts, variable)
         m["fraction_of_bound"] = m["output_tokens_per_s"] / results["variable_bound_tokens_per_s"]
         return m
 
@@ -317,22 +329,23 @@ def main(argv=None) -> dict:
         with_prefix = [shared + rng.integers(0, shape["vocab_size"], rng.integers(*own_range)).tolist()
                        for _ in quarter]
         base = options | {"max_num_seqs": len(quarter), "num_kv_blocks": blocks // 4 + 64}
-        warm = prompts[N // 4: N // 4 + 8]  # warm-up requests outside the timed ones
-        warm_prefix = [shared + p[:8] for p in warm]  # these share only the prefix with the timed ones
+        # Warm-up: the timed prompts with a few new tokens (the same prefill chunks and decode shapes); for
+        # prefix caching, other requests that share only the prefix (they leave it cached, nothing more).
+        warm_prefix = [shared + p[:8] for p in prompts[N // 4: N // 4 + 8]]
         rows = {}
         spec = {"method": "ngram", "num_speculative_tokens": 4}
         for name, extra, batch, warm_up in [
-                ("engine", {}, quarter, warm),
-                ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}, quarter, warm),
-                ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048}, quarter, warm),
-                ("quantized KV int8", {"kv_cache_dtype": "int8"}, quarter, warm),
-                ("quantized KV int4 (eager)", {"kv_cache_dtype": "int4"}, quarter, warm),
-                ("speculative n-gram, k = 4", {"speculative": spec}, quarter, warm),
+                ("engine", {}, quarter, quarter),
+                ("CUDA graphs off (enforce_eager)", {"enforce_eager": True}, quarter, quarter),
+                ("prefill chunks of 2048 tokens", {"max_num_batched_tokens": 2048}, quarter, quarter),
+                ("quantized KV int8", {"kv_cache_dtype": "int8"}, quarter, quarter),
+                ("quantized KV int4 (eager)", {"kv_cache_dtype": "int4"}, quarter, quarter),
+                ("speculative n-gram, k = 4", {"speculative": spec}, quarter, quarter),
                 ("shared-prefix workload: engine", {}, with_prefix, warm_prefix),
                 ("shared-prefix workload: prefix caching", {"enable_prefix_caching": True}, with_prefix, warm_prefix)]:
             try:
                 e = LLM(ours, **(base | extra))
-                run_engine(e, warm_up, [4] * len(warm_up))  # warm-up (prefix caching: the shared prefix gets cached)
+                run_engine(e, warm_up, [8] * len(warm_up))
                 rows[name] = run_engine(e, batch, n_new)
                 stats = e.engine.stats
                 if stats["spec_proposed"]:
@@ -355,8 +368,7 @@ def main(argv=None) -> dict:
         lengths = long_tailed_outputs(tail_requests, seed=14, **tail_kw)
         tail_len = tail_prompts[1] + max(lengths)
         e = LLM(ours, max_num_seqs=seats, max_model_len=tail_len, num_kv_blocks=seats * -(-tail_len // 16) + 16)
-        run_engine(e, t_prompts[:seats], [4] * seats)  # warm-up
-        cont = run_engine(e, t_prompts, lengths)
+        cont = warm_then_time(e, t_prompts, lengths)
         static = run_static(e, t_prompts, lengths, seats)
         return {"requests": tail_requests, "seats": seats, "output_lens": lengths, "continuous": cont,
                 "static": static, "speedup": cont["output_tokens_per_s"] / static["output_tokens_per_s"]}

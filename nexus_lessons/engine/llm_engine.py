@@ -160,8 +160,10 @@ class LLMEngine:
         self._next_id = 0
         self._inflight: StepHandle | None = None
         self.last_batch: ScheduledBatch | None = None  # what the last step launched (the lesson's timeline)
+        # Counters since construction; host_s is time step() works on the host, wait_s time it blocks on the
+        # device's tokens (an engine that never waits is host-bound: the GPU idles between steps).
         self.stats = {"steps": 0, "graph_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "spec_steps": 0, "spec_proposed": 0, "spec_accepted": 0}
+                      "spec_steps": 0, "spec_proposed": 0, "spec_accepted": 0, "host_s": 0.0, "wait_s": 0.0}
 
     def _default_num_blocks(self) -> int:
         c, bs = self.model.config, self.config.block_size
@@ -233,16 +235,21 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        wait0 = self.stats["wait_s"]
         if self.spec is not None:
-            return self._speculative_step()
-        batch = self.scheduler.schedule()
-        handle = None
-        if len(batch):
-            handle = self._launch(batch)
-        elif self._inflight is None and self.scheduler.has_unfinished():
-            raise RuntimeError("the scheduler found nothing to run with nothing in flight")  # a bug, not bad input
-        outputs = self._collect(self._inflight) if self._inflight is not None else []
-        self._inflight, self.last_batch = handle, batch
+            outputs = self._speculative_step()
+        else:
+            batch = self.scheduler.schedule()
+            handle = None
+            if len(batch):
+                handle = self._launch(batch)
+            elif self._inflight is None and self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler found nothing to run with nothing in flight")  # a bug, not bad input
+            outputs = self._collect(self._inflight) if self._inflight is not None else []
+            self._inflight, self.last_batch = handle, batch
+        # Host time vs time blocked on the device: a host-bound engine waits for nothing.
+        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["wait_s"] - wait0)
         return outputs
 
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
@@ -286,8 +293,10 @@ class LLMEngine:
         return outputs
 
     def _collect(self, handle: StepHandle) -> list[StepOutput]:
+        t0 = time.perf_counter()
         tokens = handle.token_ids()
         now = time.perf_counter()
+        self.stats["wait_s"] += now - t0
         outputs = []
         it = iter(tokens)
         for seq, sampled in zip(handle.batch.seqs, handle.batch.samples):

@@ -212,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a prepared corpus (`python -m nexus_lessons.tiny.prepare`); default: tokenize here")
     p.add_argument("--target", default="nexus-tiny")
     p.add_argument("--before", default="nexus-tiny-draft", help="the draft to compare against")
+    p.add_argument("--init-from", default=None,
+                   help="start the student from this model (a name or folder; its shape is kept) instead of "
+                        "the target cut down to one layer")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=6000)
@@ -272,16 +275,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = np.concatenate([train, generated])
 
     # 3. the student, started from the target, trained on the target's distributions
-    draft = Transformer(DRAFT_CONFIG)
-    init_weights(draft)
-    init_from_target(draft, teacher)
-    draft.to(device)
+    if a.init_from is None:
+        draft = Transformer(DRAFT_CONFIG)
+        init_weights(draft)
+        init_from_target(draft, teacher)
+        draft.to(device)
+        init = "target's embedding, first layer and final norm"
+    else:  # e.g. the shipped draft: distillation then refines a model that already agrees with the target
+        draft, _ = load_model(a.init_from, device=device, dtype=torch.float32, tokenizer=False)
+        check_draft_budget(TARGET_CONFIG, draft.config)
+        init = f"the weights of {a.init_from}"
     every = {"eval_every": 2, "log_every": 2, "eval_windows": 2} if a.smoke else {"eval_every": 500}
     schedule = Schedule(a.steps, a.batch_size, a.context, a.lr, a.warmup, max_minutes=a.minutes, seed=a.seed, **every)
     run = train_model("nexus-tiny-draft", draft, distill_loss(teacher, 0.0), train, heldout, schedule, device,
                       compile_model=False)
     out = Path(a.out)
     draft_dir = save_shipped(draft, out / "nexus-tiny-draft", tokenizer_dir)
+    draft_config = draft.config
     del teacher, draft
     log(f"saved {draft_dir}")
 
@@ -290,9 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command, "device": device_name(device), "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": a.seed, "smoke": a.smoke,
         "corpus": meta, "outside_stdlib": outside_meta,
-        "recipe": {"init": "target's embedding, first layer and final norm", "loss": "KL(target || draft)",
-                   "draft_config": asdict(DRAFT_CONFIG), "schedule": asdict(schedule)},
-        "cost": cost_report(TARGET_CONFIG, DRAFT_CONFIG), "training": asdict(run),
+        "recipe": {"init": init, "loss": "KL(target || draft)",
+                   "draft_config": asdict(draft_config), "schedule": asdict(schedule)},
+        "cost": cost_report(TARGET_CONFIG, draft_config), "training": asdict(run),
     }
     results["agreement"] = evaluate_drafts(a.target, {"before": a.before, "after": draft_dir}, sets, device,
                                            context=min(a.context, 1024), max_tokens=a.eval_tokens,
