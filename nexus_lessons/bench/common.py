@@ -65,6 +65,21 @@ def count_compiles():
         knobs.runtime.jit_post_compile_hook = previous
 
 
+def top_kernels(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
+    """The GPU kernels `fn` runs, by total device time (torch.profiler, one call after a warm-up): where
+    the time of a step goes, for a result that misses its floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def command_line() -> str:
     """The command that is running, as a learner would type it (`python -m pkg.mod args`)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)

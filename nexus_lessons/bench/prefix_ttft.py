@@ -13,7 +13,8 @@ prompt goes through the extend kernel; with it, only the suffix. Two ways a user
 * eager: `generate(model, prompt, 1, cache=cache)`, host work included;
 * graphed: the host work stays eager (match the prefix, reserve slots, build the metadata), the forward
   replays as one CUDA graph captured for these lengths (`GraphedFirstForward`); `graph_replay_ms` is the
-  replay alone, so the rest of `graphed_ms` is host work.
+  replay alone, so the rest of `graphed_ms` is host work. `top_kernels`: one request's GPU time per
+  kernel (torch.profiler), to tell which part of the forward is short of its floor.
 
 CUDA events, the median of `--reps` requests. The floor for a cached request is reading the weights
 once (their bytes over the measured copy bandwidth). Before timing, float32 greedy tokens with each
@@ -35,7 +36,7 @@ from ..generate import generate
 from ..model import Transformer
 from ..paged import PagedKVCache
 from ..prefix.workloads import hit_rate, multi_turn_chat
-from .common import copy_bandwidth_gbs, environment, save_json
+from .common import copy_bandwidth_gbs, environment, save_json, top_kernels
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
@@ -215,6 +216,8 @@ def time_ttft(model, prefix, fresh, reps, block_size, graphs: bool) -> dict:
     for side in SIDES:
         result[side] = {"eager_ms": statistics.median(ms[side]), "eager_ms_all": ms[side],
                         "prompt_tokens_served_from_cache": statistics.median(hits[side])}
+        if dev.type == "cuda":  # device time per kernel of one request (launch gaps aside)
+            result[side]["top_kernels"] = top_kernels(lambda c=caches[side]: generate(model, [prefix + fresh()], 1, cache=c))
     if graphs:
         fwd = {}
         for side, cache in caches.items():
