@@ -98,6 +98,48 @@ def test_a_packed_step_may_hold_more_tokens_than_one_sequence_may_reach():
         assert tokens == reference(model, prompt, sp.max_tokens)
 
 
+def test_with_cuda_graphs_waiting_requests_are_admitted_together_and_outputs_stay_exact():
+    """Deferred admission (on when decode steps replay graphs): fewer steps hold a prefill chunk, a request
+    is held back at most MAX_DEFER_STEPS steps, and every output still equals generate."""
+    from nexus_lessons.engine.scheduler import MAX_DEFER_STEPS
+
+    model = random_model("llama", True)
+    requests = mixed_requests(11, 40, model.config.vocab_size, max_prompt=9, max_new=30)
+    prefill_steps = {}
+    for defer in (False, True):
+        engine = LLMEngine(model, num_kv_blocks=200, block_size=4, max_num_seqs=16, max_num_batched_tokens=256)
+        engine.scheduler.defer_admission = defer
+        got, batches = run(engine, requests)
+        for (prompt, sp), tokens in zip(requests, got):
+            assert tokens == reference(model, prompt, sp.max_tokens)
+        prefill_steps[defer] = sum(any(n > 1 for n in b.num_new) for b in batches)
+    assert prefill_steps[True] < prefill_steps[False]
+    # The rule itself: with 2 of 16 seats free a request joins at once; with 1 it waits MAX_DEFER_STEPS steps.
+    from nexus_lessons.engine.scheduler import Scheduler
+    from nexus_lessons.engine.sequence import Sequence, Status
+    from nexus_lessons.paged import PagedKVCache
+
+    for decoding, admitted_at in ((14, 1), (15, MAX_DEFER_STEPS + 1)):
+        cache = PagedKVCache(1, 1, 4, block_size=4, num_blocks=100)
+        sched = Scheduler(cache, max_num_seqs=16, max_num_batched_tokens=100, max_model_len=100)
+        sched.defer_admission = True
+        for rid in range(decoding):
+            seq = Sequence(rid, [1, 2], SamplingParams(max_tokens=50), seed=0)
+            sched.add(seq)
+            sched.waiting.remove(seq)
+            seq.status, seq.cache_seq, seq.num_computed = Status.RUNNING, cache.add_sequence(), 1
+            cache.append_slots(seq.cache_seq, 1)
+            sched.running.append(seq)
+        sched.add(Sequence(99, [3, 4, 5], SamplingParams(max_tokens=5), seed=0))
+        for step in range(1, 2 * MAX_DEFER_STEPS):
+            batch = sched.schedule()
+            for s in batch.seqs:
+                s.token_ids.append(7)  # every row gets its token at once: the others keep decoding
+            if any(s.request_id == 99 for s in batch.seqs):
+                break
+        assert step == admitted_at, (decoding, step)
+
+
 def test_nexus_tiny_greedy_equals_generate_with_text_prompts():
     llm = LLM("nexus-tiny", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=16, block_size=8)
     prompts = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):", "x = ["]

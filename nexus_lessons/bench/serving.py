@@ -13,10 +13,12 @@ Sections (`--sections`, default all), each recorded even when another fails:
 * transformers / throughput: 256 requests, prompts of 100-1024 tokens, 512 new tokens each; output
   tokens/s of transformers' continuous batching (`generate_batch`) and of our engine on the same requests,
   and the workload's memory-bandwidth bound: every decode step reads the weights and the K/V of every
-  live request's context, at the read bandwidth of a large `torch.sum` measured in this run.
+  live request's context, at the read bandwidth of a large `torch.sum` measured in this run. Then the GPU
+  time per kernel of one prefill step and one decode step of the same requests (torch.profiler).
 * variable: the same prompts with 100-1024 new tokens each (ours only: `generate_batch` takes one length).
 * static: continuous batching against static (request-level) batching of the same engine, 64 seats,
-  512 requests whose output lengths are long-tailed (95% 16-128 tokens, 5% 768-1024).
+  512 requests whose output lengths are long-tailed (95% 16-128 tokens, 5% 768-1024); and continuous
+  batching that admits each request as soon as a seat frees (the scheduler's deferred admission off).
 * batch1: one request decoding 512 tokens through the engine, against the weight-read bound.
 * ablation: each feature's contribution, every row in this run beside the engine's own row: CUDA graphs
   off (`enforce_eager`), a smaller prefill-chunk budget, quantized KV (int8 with CUDA graphs, int4 eager)
@@ -43,7 +45,7 @@ from ..engine import LLM, SamplingParams
 from ..engine.metrics import summarize
 from ..generate import generate
 from ..loading import from_hf
-from .common import count_compiles, environment, save_json
+from .common import count_compiles, environment, save_json, top_kernels
 from .gpu_decode import LLAMA_1B
 
 SECTIONS = ("check", "transformers", "throughput", "variable", "static", "batch1", "ablation")
@@ -132,6 +134,22 @@ def run_engine(llm: LLM, prompts, lengths, **params) -> dict:
         m[key] = llm.engine.stats[key] - stats0[key]
     m["compiles_in_run"] = compiled
     return m
+
+
+def step_kernels(llm: LLM, prompts, new_tokens: int = 32) -> dict:
+    """GPU time per kernel of one prefill step (the first, eager) and one decode step (a graph replay, once
+    every request decodes), for the requests given; then runs them to the end."""
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=new_tokens))
+    out = {"prefill_step": top_kernels(engine.step)}  # with the overlap: the kernels of the step it launches
+    while engine.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    engine.step()
+    out["decode_step"] = top_kernels(engine.step)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return out
 
 
 def warm_then_time(llm: LLM, prompts, lengths) -> dict:
@@ -294,6 +312,8 @@ def main(argv=None) -> dict:
 
     def throughput_section() -> dict:
         m = warm_then_time(engine(), prompts, fixed)
+        if device.type == "cuda":
+            m["top_kernels"] = step_kernels(engine(), prompts)
         m["fraction_of_bound"] = m["output_tokens_per_s"] / results["bound_tokens_per_s"]
         hf_row = sec.get("transformers", {})
         best_hf = max(hf_row.get("output_tokens_per_s", 0), hf_row.get("span_output_tokens_per_s", 0))
@@ -370,8 +390,13 @@ def main(argv=None) -> dict:
         e = LLM(ours, max_num_seqs=seats, max_model_len=tail_len, num_kv_blocks=seats * -(-tail_len // 16) + 16)
         cont = warm_then_time(e, t_prompts, lengths)
         static = run_static(e, t_prompts, lengths, seats)
+        deferred = e.engine.scheduler.defer_admission
+        e.engine.scheduler.defer_admission = False  # the scheduler's deferred admission, measured against none
+        at_once = run_engine(e, t_prompts, lengths)
+        e.engine.scheduler.defer_admission = deferred
         return {"requests": tail_requests, "seats": seats, "output_lens": lengths, "continuous": cont,
-                "static": static, "speedup": cont["output_tokens_per_s"] / static["output_tokens_per_s"]}
+                "static": static, "speedup": cont["output_tokens_per_s"] / static["output_tokens_per_s"],
+                "admission_deferred": deferred, "continuous_admitting_at_once": at_once}
 
     record("static", static_section)
     save_json(results, args.out)
@@ -393,7 +418,9 @@ def summary(r: dict) -> str:
         b = s["batch1"]
         lines.append(f"batch 1      {b['decode_tokens_per_s']:9.0f} tok/s  {b['fraction_of_weight_bound']:.1%} of weight bound")
     if "speedup" in s.get("static", {}):
-        lines.append(f"continuous / static batching: {s['static']['speedup']:.2f}x")
+        st = s["static"]
+        at_once = st["continuous_admitting_at_once"]["output_tokens_per_s"] / st["static"]["output_tokens_per_s"]
+        lines.append(f"continuous / static batching: {st['speedup']:.2f}x (admitting at once: {at_once:.2f}x)")
     for name, row in s.items():
         if "error" in row:
             lines.append(f"{name}: {row['error']}")

@@ -156,6 +156,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=config.scheduling_policy)
         self.scheduler.on_release = self._on_release
+        self.scheduler.defer_admission = bool(self.runner.graphs)  # eager prefill steps cost many replays
         self.requests: dict[int, Sequence] = {}  # unfinished requests by id
         self._next_id = 0
         self._inflight: StepHandle | None = None

@@ -11,6 +11,12 @@ running sequence is preempted by recompute: its blocks are freed, it goes back t
 every token it has produced, and when it is admitted again it is prefilled over prompt + outputs, so no
 token is lost or repeated. No new request is admitted in a step that preempted (that would thrash).
 
+With CUDA graphs (a GPU, not `enforce_eager`) only pure decode steps replay a graph; a step holding a
+prefill chunk runs eagerly, at many times the cost. So while the running batch only decodes, waiting
+requests are admitted together rather than one per freed seat: once an eighth of the seats is free, or
+the oldest has waited MAX_DEFER_STEPS steps (TGI's `max_waiting_tokens`), or when the step holds a
+prefill chunk anyway. Without graphs every step costs the same and requests are admitted at once.
+
 With a prefix cache (lesson 04) a request is admitted with `cache.add_sequence(its tokens)`, which attaches
 the longest cached prefix; its prefill starts after it. Finished and preempted sequences give their
 blocks back through `cache.free(seq, their tokens)`, which caches what they computed, so a preempted
@@ -27,6 +33,7 @@ from ..paged import PagedKVCache
 from .sequence import Sequence, Status
 
 POLICIES = ("fcfs", "priority")
+MAX_DEFER_STEPS = 20  # with CUDA graphs: the most steps a waiting request is held back to be admitted with others
 
 
 @dataclass
@@ -69,11 +76,14 @@ class Scheduler:
         # Admission keeps this many blocks free for the running sequences' next tokens.
         self.watermark = max(1, cache.num_blocks // 100)
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.defer_admission = False  # the engine sets it when its decode steps replay CUDA graphs
         self.on_release: Callable[[Sequence], None] | None = None  # told before a sequence's blocks go
 
     def add(self, seq: Sequence) -> None:
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         seq.status = Status.WAITING
+        seq.queued_step = self.num_steps
         bisect.insort(self.waiting, seq, key=self.key)
 
     def has_unfinished(self) -> bool:
@@ -110,8 +120,9 @@ class Scheduler:
             budget -= n
             i += 1
 
+        self.num_steps += 1
         while (not preempted and self.waiting and budget > 0 and len(rows) < self.max_num_seqs
-               and len(running) < self.max_num_seqs):
+               and len(running) < self.max_num_seqs and self._admission_open(rows)):
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last token was in flight: wait until it is read back
                 break
@@ -142,6 +153,13 @@ class Scheduler:
             batch.samples.append(seq.num_computed == seq.num_tokens)
         batch.num_decode = sum(1 for n in batch.num_new if n == 1)
         return batch
+
+    def _admission_open(self, rows: list[tuple[Sequence, int]]) -> bool:
+        """May waiting requests join this step? Always, unless deferring (see the module docstring)."""
+        if not self.defer_admission or not self.running or any(n > 1 for _, n in rows):
+            return True
+        return (self.max_num_seqs - len(self.running) >= max(1, self.max_num_seqs // 8)
+                or self.num_steps - self.waiting[0].queued_step > MAX_DEFER_STEPS)
 
     def _attach(self, seq: Sequence) -> tuple[int, int, int]:
         """A cache sequence for `seq`: (its id, tokens found in the prefix cache, evictable blocks it took)."""
