@@ -216,8 +216,12 @@ def time_ttft(model, prefix, fresh, reps, block_size, graphs: bool) -> dict:
     for side in SIDES:
         result[side] = {"eager_ms": statistics.median(ms[side]), "eager_ms_all": ms[side],
                         "prompt_tokens_served_from_cache": statistics.median(hits[side])}
-        if dev.type == "cuda":  # device time per kernel of one request (launch gaps aside)
-            result[side]["top_kernels"] = top_kernels(lambda c=caches[side]: generate(model, [prefix + fresh()], 1, cache=c))
+        if dev.type == "cuda":  # device time per kernel of one request (launch gaps aside); a diagnostic
+            try:
+                result[side]["top_kernels"] = top_kernels(
+                    lambda c=caches[side]: generate(model, [prefix + fresh()], 1, cache=c))
+            except Exception as exc:
+                result[side]["top_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     if graphs:
         fwd = {}
         for side, cache in caches.items():

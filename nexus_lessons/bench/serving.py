@@ -313,7 +313,10 @@ def main(argv=None) -> dict:
     def throughput_section() -> dict:
         m = warm_then_time(engine(), prompts, fixed)
         if device.type == "cuda":
-            m["top_kernels"] = step_kernels(engine(), prompts)
+            try:  # a diagnostic: its failure must not lose the figures above
+                m["top_kernels"] = step_kernels(engine(), prompts)
+            except Exception as exc:
+                m["top_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         m["fraction_of_bound"] = m["output_tokens_per_s"] / results["bound_tokens_per_s"]
         hf_row = sec.get("transformers", {})
         best_hf = max(hf_row.get("output_tokens_per_s", 0), hf_row.get("span_output_tokens_per_s", 0))
