@@ -322,6 +322,7 @@ def test_distilled_draft_starts_as_the_target_cut_down():
 def test_distill_smoke_run_and_install(tmp_path):
     """`python -m nexus_lessons.tiny.distill --smoke`: a few CPU steps through the whole script, then
     `--install` into a copy of the assets (weights, JSON, the model card's section)."""
+    import dataclasses
     import json
     import shutil
 
@@ -338,5 +339,11 @@ def test_distill_smoke_run_and_install(tmp_path):
     model, tok = load_model(assets / "nexus-tiny-draft")
     assert model.config.num_hidden_layers == 1 and tok is not None
     card = (assets / "MODEL_CARD.md").read_text()
-    assert "1 layer of the target's shape" in card and card.count(distill.CARD_BEGIN) == 1
+    assert "1 layer(s) of hidden 256" in card and "started from the target's embedding" in card
+    assert card.count(distill.CARD_BEGIN) == 1
     assert json.loads((tmp_path / "distill.json").read_text())["smoke"] is True
+    # --init-from: the student starts as an existing draft and keeps its shape
+    refined = distill.main(["--out", str(tmp_path / "refined"), "--smoke", "--init-from", "nexus-tiny-draft"])
+    shipped, _ = load_model("nexus-tiny-draft", tokenizer=False)
+    assert refined["recipe"]["draft_config"] == dataclasses.asdict(shipped.config)
+    assert refined["agreement"]["after"]["model"]["num_hidden_layers"] == shipped.config.num_hidden_layers

@@ -3,6 +3,12 @@
     python -m nexus_lessons.tiny.distill --out DIR              # GPU: about 5 minutes, data prep included
     python -m nexus_lessons.tiny.distill --out DIR --smoke      # CPU: a few steps, to know the pipeline runs
     python -m nexus_lessons.tiny.distill --install DIR          # put DIR's draft and JSON into the repository
+    python -m nexus_lessons.tiny.distill --out DIR --device cpu --init-from nexus-tiny-draft --minutes 65 \
+        --batch-size 8 --context 512 --lr 3e-4 --generated-rounds 4 --generated-rows 64   # CPU: refine a draft
+
+The last form keeps an existing draft's shape and distils it further: an hour of CPU is far too little
+to teach one layer started from the target what the shipped two-layer draft already knows, but enough
+to move that draft towards the target's distributions. `distill.json` records which recipe ran.
 
 Why this shape. A speculative step costs k draft forwards plus one target forward, and at these sizes a
 forward costs about its number of layers (kernel launches and per-layer work, not FLOPs: a 256-wide
@@ -169,11 +175,11 @@ def card_section(r: dict[str, Any]) -> str:
         CARD_BEGIN,
         "## The shipped draft: distilled by `tiny.distill`",
         "",
-        f"`nexus-tiny-draft` is {m['num_hidden_layers']} layer of the target's shape (hidden {m['hidden_size']}, "
-        f"{m['num_attention_heads']} / {m['num_key_value_heads']} heads, SwiGLU {m['intermediate_size']}; "
-        f"{m['params']:,} parameters), started as the target's embedding, first layer and final norm and trained "
-        f"on KL(target || draft) over the whole vocabulary: {t['steps_done']} steps of {t['schedule']['batch_size']} "
-        f"x {t['schedule']['context']} tokens in {t['wall_s']} s ({r['device']}, {r['date']}).",
+        f"`nexus-tiny-draft` has {m['num_hidden_layers']} layer(s) of hidden {m['hidden_size']} "
+        f"({m['num_attention_heads']} / {m['num_key_value_heads']} heads, SwiGLU {m['intermediate_size']}; "
+        f"{m['params']:,} parameters), started from {r['recipe']['init']} and trained on KL(target || draft) "
+        f"over the whole vocabulary: {t['steps_done']} steps of {t['schedule']['batch_size']} x "
+        f"{t['schedule']['context']} tokens in {t['wall_s']} s ({r['device']}, {r['date']}).",
         "",
         f"Greedy agreement with the target, float32, before (the previous draft: "
         f"{before['model']['num_hidden_layers']} layers, hidden {before['model']['hidden_size']}) and after, on "
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         init_weights(draft)
         init_from_target(draft, teacher)
         draft.to(device)
-        init = "target's embedding, first layer and final norm"
+        init = "the target's embedding, first layer and final norm"
     else:  # e.g. the shipped draft: distillation then refines a model that already agrees with the target
         draft, _ = load_model(a.init_from, device=device, dtype=torch.float32, tokenizer=False)
         check_draft_budget(TARGET_CONFIG, draft.config)
