@@ -45,18 +45,21 @@ def environment() -> dict[str, Any]:
 @contextlib.contextmanager
 def count_compiles():
     """Yields a list that collects the name of every Triton kernel compiled (or loaded from the disk cache)
-    inside the block. A timed run should find it empty: a compile there is a warm-up that missed a shape."""
-    names: list[str] = []
+    inside the block, or None where this Triton has no compile hook. A timed run should find it empty: a
+    compile there is a warm-up that missed a shape."""
     try:
         from triton import knobs
-    except ImportError:  # no Triton: nothing compiles
-        yield names
-        return
-    previous = knobs.runtime.jit_post_compile_hook
 
-    def hook(*, fn, **kwargs):
-        names.append(fn.name.rsplit(".", 1)[-1])  # the qualified name's last part
-        return previous(fn=fn, **kwargs) if previous is not None else None
+        previous = knobs.runtime.jit_post_compile_hook
+    except (ImportError, AttributeError):  # no Triton, or one without the hook: nothing to count with
+        yield None
+        return
+    names: list[str] = []
+
+    def hook(*args, **kwargs):
+        name = getattr(kwargs.get("fn"), "name", "?")
+        names.append(name.rsplit(".", 1)[-1])  # the qualified name's last part
+        return previous(*args, **kwargs) if previous is not None else None
 
     knobs.runtime.jit_post_compile_hook = hook
     try:

@@ -155,7 +155,8 @@ def step_kernels(llm: LLM, prompts, new_tokens: int = 32) -> dict:
 def warm_then_time(llm: LLM, prompts, lengths) -> dict:
     """The run timed the second time: the first, identical, compiles every kernel variant it meets."""
     warm = run_engine(llm, prompts, lengths)
-    return run_engine(llm, prompts, lengths) | {"compiles_in_warmup": len(warm["compiles_in_run"])}
+    compiled = warm["compiles_in_run"]
+    return run_engine(llm, prompts, lengths) | {"compiles_in_warmup": None if compiled is None else len(compiled)}
 
 
 def run_static(llm: LLM, prompts, lengths, seats: int) -> dict:
