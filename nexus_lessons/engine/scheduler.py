@@ -14,7 +14,7 @@ token is lost or repeated. No new request is admitted in a step that preempted (
 With CUDA graphs (a GPU, not `enforce_eager`) only pure decode steps replay a graph; a step holding a
 prefill chunk runs eagerly, at many times the cost. So while the running batch only decodes, waiting
 requests are admitted together rather than one per freed seat: once an eighth of the seats is free, or
-the oldest has waited MAX_DEFER_STEPS steps (TGI's `max_waiting_tokens`), or when the step holds a
+MAX_DEFER_STEPS steps after the last admission (TGI's `max_waiting_tokens`), or when the step holds a
 prefill chunk anyway. Without graphs every step costs the same and requests are admitted at once.
 
 With a prefix cache (lesson 04) a request is admitted with `cache.add_sequence(its tokens)`, which attaches
@@ -33,7 +33,7 @@ from ..paged import PagedKVCache
 from .sequence import Sequence, Status
 
 POLICIES = ("fcfs", "priority")
-MAX_DEFER_STEPS = 20  # with CUDA graphs: the most steps a waiting request is held back to be admitted with others
+MAX_DEFER_STEPS = 20  # with CUDA graphs: the most decode steps between two admissions while requests wait
 
 
 @dataclass
@@ -77,13 +77,13 @@ class Scheduler:
         self.watermark = max(1, cache.num_blocks // 100)
         self.num_preemptions = 0
         self.num_steps = 0
+        self.last_admission_step = 0
         self.defer_admission = False  # the engine sets it when its decode steps replay CUDA graphs
         self.on_release: Callable[[Sequence], None] | None = None  # told before a sequence's blocks go
 
     def add(self, seq: Sequence) -> None:
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         seq.status = Status.WAITING
-        seq.queued_step = self.num_steps
         bisect.insort(self.waiting, seq, key=self.key)
 
     def has_unfinished(self) -> bool:
@@ -133,6 +133,7 @@ class Scheduler:
                 self._detach(cache_seq, hit)
                 break
             self.waiting.pop(0)
+            self.last_admission_step = self.num_steps
             seq.cache_seq, seq.status, seq.num_computed = cache_seq, Status.RUNNING, hit
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = hit
@@ -159,7 +160,7 @@ class Scheduler:
         if not self.defer_admission or not self.running or any(n > 1 for _, n in rows):
             return True
         return (self.max_num_seqs - len(self.running) >= max(1, self.max_num_seqs // 8)
-                or self.num_steps - self.waiting[0].queued_step > MAX_DEFER_STEPS)
+                or self.num_steps - self.last_admission_step > MAX_DEFER_STEPS)
 
     def _attach(self, seq: Sequence) -> tuple[int, int, int]:
         """A cache sequence for `seq`: (its id, tokens found in the prefix cache, evictable blocks it took)."""

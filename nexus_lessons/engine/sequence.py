@@ -44,7 +44,6 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
     max_num_tokens: int = 0  # prompt + max_tokens, capped by the model's context (set when queued)
-    queued_step: int = 0  # the scheduler's step count when it was (last) queued
     stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) and the request's stop_token_ids
     token_ids: list[int] = field(init=False)
 
