@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"the target's own continuations: {generated.size:,} tokens in {meta['generated']['seconds']}s")
     train = np.concatenate([train, generated])
 
-    # 3. the student, started from the target, trained on the target's distributions
+    # 3. the student (the target cut down, or --init-from), trained on the target's distributions
     if a.init_from is None:
         draft = Transformer(DRAFT_CONFIG)
         init_weights(draft)
