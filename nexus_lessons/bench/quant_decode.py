@@ -15,8 +15,9 @@ bandwidth of a large ``torch.sum`` measured in the same run (the datasheet figur
 time as a fraction of the bf16 kernel's at the same shape. Times are medians: ``ms`` replays the call in a
 CUDA graph (``triton.testing.do_bench_cudagraph``), ``ms_eager`` is ``do_bench`` with the L2 flushed
 before every call, the public function's launch cost included. Before any timing each kernel is checked
-against its PyTorch reference on the same quantized data (``max_err``: absolute below 1, relative above). ``variants`` times a few tile / warp / stage /
-split choices per format on the same data, so one run says what to tune. Extend: 4 sequences of 1024
+against its PyTorch reference on the same quantized data (``max_err``: absolute below 1, relative above).
+``variants`` times a few tile / warp / stage / split choices per format on the same data, so one run says
+what to tune. Extend: 4 sequences of 1024
 cached + 512 new tokens (the prefix read from the quantized pool), against lesson 02's extend on bf16.
 """
 
