@@ -48,6 +48,7 @@ from ..loading import from_hf
 from .common import count_compiles, environment, save_json, top_kernels
 from .gpu_decode import LLAMA_1B
 
+RUN_STATS = ("steps", "graph_steps", "host_s", "wait_s")  # engine counters reported per timed run
 SECTIONS = ("check", "transformers", "throughput", "variable", "static", "batch1", "ablation")
 SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
@@ -130,7 +131,7 @@ def run_engine(llm: LLM, prompts, lengths, **params) -> dict:
         outs = llm.generate(prompts, sps, use_tqdm=False)
     assert [len(o.token_ids) for o in outs] == list(lengths)
     m = dict(llm.last_metrics)
-    for key in ("steps", "graph_steps", "host_s", "wait_s"):
+    for key in RUN_STATS:
         m[key] = llm.engine.stats[key] - stats0[key]
     m["compiles_in_run"] = compiled
     return m
@@ -172,8 +173,8 @@ def run_static(llm: LLM, prompts, lengths, seats: int) -> dict:
             while engine.has_unfinished_requests():
                 seqs += [o.sequence for o in engine.step() if o.finished]
     wall = time.perf_counter() - t0
-    return summarize(seqs, wall) | {key: engine.stats[key] - stats0[key] for key in
-                                    ("steps", "graph_steps", "host_s", "wait_s")} | {"compiles_in_run": compiled}
+    return summarize(seqs, wall) | {key: engine.stats[key] - stats0[key] for key in RUN_STATS} | {
+        "compiles_in_run": compiled}
 
 
 def section_check(device: torch.device, smoke: bool) -> dict:

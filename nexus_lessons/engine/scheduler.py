@@ -121,8 +121,9 @@ class Scheduler:
             i += 1
 
         self.num_steps += 1
-        while (not preempted and self.waiting and budget > 0 and len(rows) < self.max_num_seqs
-               and len(running) < self.max_num_seqs and self._admission_open(rows)):
+        admit = not preempted and self._admission_open(rows)
+        while (admit and self.waiting and budget > 0 and len(rows) < self.max_num_seqs
+               and len(running) < self.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last token was in flight: wait until it is read back
                 break
@@ -156,7 +157,8 @@ class Scheduler:
         return batch
 
     def _admission_open(self, rows: list[tuple[Sequence, int]]) -> bool:
-        """May waiting requests join this step? Always, unless deferring (see the module docstring)."""
+        """May waiting requests join this step? Always, unless deferring (see the module docstring). Asked
+        once per step, before admissions: an admitted prompt makes the step eager, so the answer holds."""
         if not self.defer_admission or not self.running or any(n > 1 for _, n in rows):
             return True
         return (self.max_num_seqs - len(self.running) >= max(1, self.max_num_seqs // 8)
