@@ -815,6 +815,47 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert "SPILLS" not in proc.stdout, report
 
 
+def test_cached_launch_protocol(monkeypatch):
+    """``launch.launch`` with a stand-in kernel and driver: a miss launches the normal way and keeps the
+    compiled kernel's launcher; a hit calls it as Triton's JIT does (grid padded to 3, current stream, no
+    launch metadata or hooks, then every parameter, defaults and ``meta`` constexprs last); a launch
+    hook, or a launch that returns no compiled kernel, keeps every call on the normal path."""
+    from types import SimpleNamespace as NS
+
+    launch = pytest.importorskip("nexus_lessons.kernels.launch")
+    if launch.knobs is None:
+        pytest.skip("this Triton has no knobs: every launch takes the normal path")
+    calls = []
+    compiled = NS(run=lambda *a: calls.append(a), function="fn", packed_metadata="pm")
+
+    class Kernel:
+        params = [NS(name=n, default=d) for n, d in (("x", None), ("n", None), ("A", 7), ("B", 3))]
+
+        def __init__(self, result):
+            self.result = result
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append(("jit", grid, args, meta)) or self.result
+
+    driver = NS(active=NS(get_current_device=lambda: 0, get_current_stream=lambda device: 99))
+    monkeypatch.setattr(launch, "driver", driver)
+    monkeypatch.setattr(launch, "_LAUNCHERS", {})
+    jit = ("jit", (4, 2), ("x", 5), {"B": 1, "num_warps": 4})
+    for _ in range(2):
+        launch.launch(Kernel(compiled), (4, 2), ("k",), ("x", 5), {"B": 1, "num_warps": 4})
+    assert calls == [jit, (4, 2, 1, 99, "fn", "pm", None, None, None, "x", 5, 7, 1)]
+    calls.clear()
+    hook = lambda *a: None
+    launch.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch.launch(Kernel(compiled), (4, 2), ("k",), ("x", 5), {"B": 1, "num_warps": 4})
+    finally:
+        launch.knobs.runtime.launch_enter_hook.remove(hook)
+    for _ in range(2):
+        launch.launch(Kernel(None), (4, 2), ("other",), ("x", 5), {"B": 1, "num_warps": 4})
+    assert calls == [jit] * 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at the benchmark's head shapes (Hq 32, Hkv 8, D 128, 16-token blocks)
 # ---------------------------------------------------------------------------------------------------
@@ -881,6 +922,53 @@ def test_gpu_decode_split_merge_and_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, want, torch.bfloat16, "graph replay")
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_cached_launch():
+    """The split kernel's cached launch (``launch.py``): repeated calls reuse one launcher; a q view that is
+    not 16-byte aligned gets a launcher of its own; a bound that crosses multiples of 16 compiles nothing
+    new; a CUDA graph captures the cached launch on its own stream. Every output against the reference."""
+    from nexus_lessons.bench.common import count_compiles
+    from nexus_lessons.kernels import launch
+
+    lens = [4099, 1, 2047, 777]
+    k_cache, v_cache, tables, ctx = make_paged(lens, 16, 8, 128, torch.bfloat16, seed=29)
+    q = torch.randn(len(lens), 32, 128, device=DEV).bfloat16()
+    want = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx).double()
+
+    def run(query, **kw):
+        return K.paged_decode_attention(query, k_cache, v_cache, tables, ctx, num_splits=8, **kw)
+
+    first = run(q)
+    entries = len(launch._LAUNCHERS)
+    for _ in range(3):
+        assert torch.equal(run(q), first)
+    assert len(launch._LAUNCHERS) == entries, "a repeated call must hit its launcher"
+    assert_close(first, want, torch.bfloat16, "cached launch")
+
+    flat = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype)
+    unaligned = flat[1:].view(q.shape)  # 2 bytes past an aligned address
+    unaligned.copy_(q)
+    assert_close(run(unaligned), want, torch.bfloat16, "unaligned q")
+    assert len(launch._LAUNCHERS) == entries + 1
+
+    run(q, max_context_len=4330)  # compiles the host-split variant
+    with count_compiles() as compiled:
+        for bound in range(4330, 4370, 5):  # crosses 4336 and 4352; host pages 271 to 273
+            assert_close(run(q, max_context_len=bound), want, torch.bfloat16, f"max_context_len={bound}")
+    assert compiled == [], compiled
+
+    entries = len(launch._LAUNCHERS)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(q)
+    assert len(launch._LAUNCHERS) == entries, "the capture must take the cached launch"
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, want, torch.bfloat16, "graph replay of the cached launch")
 
 
 @gpu

@@ -8,7 +8,8 @@ iterations, a tile too big for shared memory or a config that spills registers o
 compiler. Triton's compiler and ptxas run fine without a GPU, so this module calls each launcher with
 ``meta`` tensors, records the launch it would make (arguments, constexprs, warps, stages), specialises
 the arguments the way Triton's JIT does (pointers 16-byte aligned, ints divisible by 16 marked, ints equal
-to 1 folded) and compiles for the target. It must run WITHOUT ``TRITON_INTERPRET=1``.
+to 1 folded, except those the kernel marks ``do_not_specialize``) and compiles for the target. It must
+run WITHOUT ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def compile_launch(launch: Launch, arch: int) -> dict[str, Any]:
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
-            if value == 1:
+            specialize = not fn.params[i].do_not_specialize
+            if value == 1 and specialize:
                 signature[name], constants[name] = "constexpr", 1
             else:
                 signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
+                if value % 16 == 0 and specialize:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, dot_precision, num_sms, upcast
+from .launch import launch
 
 MAX_SPLITS = 128  # the merge holds all splits of a head group in registers
 MIN_TOKENS_PER_SPLIT = 512  # below this a split's fixed cost (q load, partial write, merge) dominates
@@ -204,7 +205,9 @@ def _merge_heads(
              out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
-@triton.jit
+# host_pages and table_tokens only bound the split ranges; not specialized (== 1, % 16), a caller's bound
+# that crosses a multiple of 16 reuses the compiled kernel
+@triton.jit(do_not_specialize=["host_pages", "table_tokens"])
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, Counters,
     qk_scale, num_splits, num_kv_heads, host_pages, table_tokens,
@@ -377,31 +380,41 @@ def fits_per_sm(n_regs: int, shared: int, num_warps: int, device: torch.device) 
     return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
-_COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def workspace(
+    name: str, device: torch.device, n: int, dtype: torch.dtype, zero: bool = False
+) -> torch.Tensor:
+    """A flat buffer of >= n elements, kept per (name, device, power-of-two size) and never freed.
+
+    Persistent, not allocated per call: a launch then costs no allocator call, and a CUDA graph keeps
+    pointing at the buffer it was captured with, which stays valid for every later launch and replay.
+    If the first request for a size comes during CUDA-graph capture, a buffer allocated there would
+    belong to the graph's private pool (and a zeroing memset would only run at replay), so that call gets
+    its own tensor (captured) and nothing is cached. Two streams launching concurrently on one device
+    would share buffers: don't (one decode stream per device).
+    """
+    size = max(64, 1 << (n - 1).bit_length())  # triton.next_power_of_2 is a constexpr_function: ~2 us a call
+    key = (name, device.type, device.index, size)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        buf = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=device)
+        if capturing:
+            return buf
+        _WORKSPACES[key] = buf
+    return buf
 
 
 def merge_counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 arrival-counter workspace of >= n entries for the merge.
 
-    Persistent, not ``torch.zeros`` per call: under CUDA-graph capture a per-call zeros would be one more
-    captured memset per step, while the kernel leaves every counter it used back at 0 (the last arriver
-    resets it), so one buffer stays valid for every later launch and graph replay. Buffers are cached per
-    (device, power-of-two size) and never freed or replaced: a captured graph keeps pointing at the buffer
-    it was captured with. If the first call for a size happens during capture, a buffer allocated there
-    would belong to the graph's private pool (and its memset would only run at replay), so that call gets
-    its own captured ``torch.zeros`` and nothing is cached. Two streams decoding concurrently on one device
-    would share counters: don't (one decode stream per device).
+    A ``workspace``: a per-call ``torch.zeros`` would be one more memset per step (captured too), while
+    the kernel leaves every counter it used back at 0 (the last arriver resets it), so one buffer stays
+    valid for every later launch and graph replay.
     """
-    size = max(64, triton.next_power_of_2(n))
-    key = (device.type, device.index, size)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-        if capturing:
-            return buf
-        _COUNTERS[key] = buf
-    return buf
+    return workspace("merge_counters", device, n, torch.int32, zero=True)
 
 
 class DecodePlan(NamedTuple):
@@ -412,6 +425,7 @@ class DecodePlan(NamedTuple):
     schedule: str  # "split" or "streamk"
     host_split: bool
     meta: dict[str, Any]  # the split kernel's constexprs and launch options
+    key: tuple  # plan_decode's cache key: hashable where ``meta`` is not, and it determines ``meta``
 
 
 _PLANS: dict[tuple, DecodePlan] = {}
@@ -446,11 +460,13 @@ def plan_decode(
             _PLANS.clear()
         cfg = config or default_decode_config(q.dtype, head_dim, q.device, batch * num_kv_heads)
         plan = _PLANS[key] = _make_plan(q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_splits,
-                                        max_context_len is not None, spread)  # fmt: skip
+                                        max_context_len is not None, spread, key)  # fmt: skip
     return plan
 
 
-def _make_plan(q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_splits, host_split, spread):
+def _make_plan(
+    q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_splits, host_split, spread, key
+):
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -470,7 +486,7 @@ def _make_plan(q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_
         PREFETCH_IDS=splits > 1, HOST_SPLIT=host_split and splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    plan = DecodePlan(cfg, splits, "split", host_split and splits > 1, meta)
+    plan = DecodePlan(cfg, splits, "split", host_split and splits > 1, meta, key)
     if num_splits is None and cfg.streamk and batch:
         _, args = _split_args(q, k_cache, v_cache, block_tables, context_lens, 1.0, plan, bound)
         slots = num_sms(q.device) * programs_per_sm(_decode_split_kernel, args, meta, q.device)
@@ -484,7 +500,7 @@ def _make_plan(q, k_cache, v_cache, block_tables, context_lens, cfg, bound, num_
 
 
 def _split_args(q, k_cache, v_cache, block_tables, context_lens, scale, plan, max_context_len):
-    """(out, the split kernel's runtime arguments): the output and, when split, the partials are new."""
+    """(out, the split kernel's runtime arguments): ``out`` is new, the partials (when split) workspaces."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     splits = plan.splits
@@ -493,9 +509,11 @@ def _split_args(q, k_cache, v_cache, block_tables, context_lens, scale, plan, ma
         partial = lse = counters = out
         p_strides, l_strides = (0, 0, 0), (0, 0)
     else:
-        partial = torch.empty(batch, num_heads, splits, head_dim, device=q.device, dtype=torch.float32)
-        lse = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
-        p_strides, l_strides = partial.stride()[:3], lse.stride()[:2]
+        n = batch * num_heads * splits
+        partial = workspace("split_partial", q.device, n * head_dim, torch.float32)
+        lse = workspace("split_lse", q.device, n, torch.float32)
+        p_strides = (num_heads * splits * head_dim, splits * head_dim, head_dim)  # [B, Hq, splits, D]
+        l_strides = (num_heads * splits, splits)  # [B, Hq, splits]
         counters = merge_counters(q.device, batch * num_kv_heads)
     host_pages = -(-max_context_len // page) if plan.host_split else 0
     args = (
@@ -517,10 +535,27 @@ def paged_decode_attention_split(
     plan: DecodePlan,
     max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """The split-KV kernel as ``plan`` says (arguments already checked): one launch, the merge inside it."""
+    """The split-KV kernel as ``plan`` says (arguments already checked): one launch, the merge inside it.
+
+    On CUDA through ``launch.launch``, keyed by what Triton specializes on that the plan does not fix: the
+    caller's strides, the index dtypes and each caller tensor's 16-byte alignment. ``out`` and the
+    workspaces are ours: aligned, their strides set by the plan and ``q``. Of the ints (specialized on
+    == 1 and % 16), the plan fixes ``num_splits`` and ``num_kv_heads`` and the key holds the strides;
+    ``host_pages`` and ``table_tokens`` are not specialized, and as one sequence's page and token counts
+    (far below 2**31) they stay i32, as when compiled.
+    """
     batch, _, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else float(scale)
     out, args = _split_args(q, k_cache, v_cache, block_tables, context_lens, scale, plan, max_context_len)
-    if batch:
-        _decode_split_kernel[(batch, k_cache.shape[2], plan.splits)](*args, **plan.meta)
+    if not batch:
+        return out
+    grid = (batch, k_cache.shape[2], plan.splits)
+    if q.is_cuda:
+        lens = args[4]
+        key = (plan.key, q.stride(), k_cache.stride(), v_cache.stride(), block_tables.stride(),
+               block_tables.dtype, lens.dtype, q.data_ptr() % 16, k_cache.data_ptr() % 16,
+               v_cache.data_ptr() % 16, block_tables.data_ptr() % 16, lens.data_ptr() % 16)  # fmt: skip
+        launch(_decode_split_kernel, grid, key, args, plan.meta)
+    else:
+        _decode_split_kernel[grid](*args, **plan.meta)
     return out
