@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention_mask, sdpa
 from .config import ModelConfig, llama3_inv_freq
+from .kernels.norm import rms_norm, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 like transformers does, then cast back: bf16 variance is too coarse.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # one Triton kernel on CUDA, the PyTorch ops elsewhere
 
 
 class RotaryEmbedding(nn.Module):
@@ -117,10 +116,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -50,7 +50,7 @@ for what in "$@"; do
     case "$what" in
     tests)  # addopts="" because the GPU image has no nbval (pyproject's addopts name its options)
         step test_gpu 240 python -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests/test_kernels.py \
-            tests/test_gemv.py tests/test_rope.py tests/test_quant_kv.py tests/test_speculative.py tests/test_engine.py ;;
+            tests/test_gemv.py tests/test_norm.py tests/test_rope.py tests/test_quant_kv.py tests/test_speculative.py tests/test_engine.py ;;
     sweep) step decode_sweep 330 python -m nexus_lessons.bench decode_sweep --out "$OUT" --budget-s 170 --flex-budget-s 110 ;;
     kernels) step paged_kernels 120 python -m nexus_lessons.bench paged_kernels --out "$OUT" ;;
     decode) step gpu_decode 330 python -m nexus_lessons.bench gpu_decode --out "$OUT" ;;

@@ -17,8 +17,8 @@ a first pass over x before it starts reading its weights. The price is one round
 unfused ops (x * r is not rounded to bf16 before the product), so the fused result is a little closer
 to the exact one; the activation and the residual round where PyTorch rounds them.
 
-``fused_linear`` runs the kernel for CUDA inputs of at most ``MAX_ROWS`` rows and the reference
-(``fused_linear_ref``: the unfused ops) otherwise, e.g. for a prompt.
+``fused_linear`` runs the kernel for CUDA inputs of at most ``MAX_ROWS`` rows; otherwise, e.g. for a
+prompt, the unfused ops of ``fused_linear_ref`` with ``kernels.norm``'s RMSNorm and SiLU-and-mul.
 """
 
 from __future__ import annotations
@@ -26,20 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .norm import rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref
+
 MAX_ROWS = 4  # above this a matrix-matrix product (cuBLAS) reads each weight once for all rows: use it
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm: normalise in float32, round to the input dtype, multiply by the weight."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2N] holding [gate | up] -> silu(gate) * up [..., N]."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def fused_linear_ref(
@@ -53,10 +42,14 @@ def fused_linear_ref(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unfused ops the kernel stands for: [silu_and_mul] -> [rms_norm] -> linear -> [+ residual]."""
+    return _chain(x, weight, bias, norm_weight, eps, silu_mul, residual, rms_norm_ref, silu_and_mul_ref)
+
+
+def _chain(x, weight, bias, norm_weight, eps, silu_mul, residual, norm, act) -> torch.Tensor:
     if silu_mul:
-        x = silu_and_mul_ref(x)
+        x = act(x)
     if norm_weight is not None:
-        x = rms_norm_ref(x, norm_weight, eps)
+        x = norm(x, norm_weight, eps)
     y = F.linear(x, weight, bias)
     return y if residual is None else residual + y
 
@@ -200,8 +193,8 @@ def fused_linear(
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     tensors = [t for t in (weight, bias, norm_weight, residual) if t is not None]
     if not (x.is_cuda and 0 < rows <= MAX_ROWS and all(t.dtype == x.dtype and t.is_cuda for t in tensors)):
-        return fused_linear_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul,
-                                residual=residual)  # fmt: skip
+        # a matrix product (cuBLAS) between the norm and activation kernels (the references off CUDA)
+        return _chain(x, weight, bias, norm_weight, eps, silu_mul, residual, rms_norm, silu_and_mul)
     build()
     flat_res = None if residual is None else residual.reshape(rows, weight.shape[0]).contiguous()
     y = _fused_linear_op(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), bias, norm_weight,
