@@ -25,8 +25,8 @@ Sections (`--sections`, default all), each recorded even when another fails:
   and speculative n-gram decoding (k = 4) on the same 64 requests (128 new tokens each); prefix caching
   on a workload whose prompts share a 512-token prefix (a system prompt a warm-up request has already
   left in the cache), against the engine without it (TTFT and hit rate).
-Throughputs are wall-clock times of whole runs after a warm-up run of the same requests (the ablation's
-warm-ups give them 8 new tokens); each row lists the Triton kernels compiled inside the timed run (there
+Throughputs are wall-clock times of whole runs after a warm-up run of the same requests (the shared-prefix
+rows warm up on requests of the same lengths that share only the prefix); each row lists the Triton kernels compiled inside the timed run (there
 should be none), its steps and CUDA-graph steps, and its host and device-wait seconds (an engine that
 never waits for the device is host-bound). TTFT and TPOT percentiles come with each.
 """
@@ -48,7 +48,7 @@ from ..loading import from_hf
 from .common import count_compiles, environment, save_json, top_kernels
 from .gpu_decode import LLAMA_1B
 
-RUN_STATS = ("steps", "graph_steps", "host_s", "wait_s")  # engine counters reported per timed run
+RUN_STATS = ("steps", "graph_steps", "spec_steps", "host_s", "wait_s")  # engine counters reported per timed run
 SECTIONS = ("check", "transformers", "throughput", "variable", "static", "batch1", "ablation")
 SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
@@ -354,9 +354,10 @@ def main(argv=None) -> dict:
         with_prefix = [shared + rng.integers(0, shape["vocab_size"], rng.integers(*own_range)).tolist()
                        for _ in quarter]
         base = options | {"max_num_seqs": len(quarter), "num_kv_blocks": blocks // 4 + 64}
-        # Warm-up: the timed prompts with a few new tokens (the same prefill chunks and decode shapes); for
-        # prefix caching, other requests that share only the prefix (they leave it cached, nothing more).
-        warm_prefix = [shared + p[:8] for p in prompts[N // 4: N // 4 + 8]]
+        # Warm-up: the timed requests themselves (every prefill chunk and decode shape of the run); for the
+        # shared-prefix rows, other requests of the same lengths that share only the prefix (they leave it
+        # cached, nothing more).
+        warm_prefix = [shared + rng.integers(0, shape["vocab_size"], len(p) - shared_len).tolist() for p in with_prefix]
         rows = {}
         spec = {"method": "ngram", "num_speculative_tokens": 4}
         for name, extra, batch, warm_up in [
@@ -370,7 +371,7 @@ def main(argv=None) -> dict:
                 ("shared-prefix workload: prefix caching", {"enable_prefix_caching": True}, with_prefix, warm_prefix)]:
             try:
                 e = LLM(ours, **(base | extra))
-                run_engine(e, warm_up, [8] * len(warm_up))
+                run_engine(e, warm_up, n_new)
                 rows[name] = run_engine(e, batch, n_new)
                 stats = e.engine.stats
                 if stats["spec_proposed"]:

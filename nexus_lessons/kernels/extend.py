@@ -151,7 +151,7 @@ def _extend_new_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_btb"])  # they vary step to step in an engine
 def _extend_kernel(
     Q, QDesc, KCache, VCache, KNew, VNew, BlockTables, ContextLens, QueryStartLoc, Out, Mask,
     qk_scale, num_m_blocks,
