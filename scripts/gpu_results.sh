@@ -10,6 +10,7 @@
 #   prefix       lesson 04: time to first token with a cached prefix (prefix_ttft_gpu.json)       ~2 min
 #   distill      lesson 05: distil the draft from nexus-tiny ($OUT/distill/)                       ~4 min
 #   speculative  lesson 05: draft and n-gram speculation vs plain decode (speculative_gpu.json)   ~3-4 min
+#                (DRAFT=dir: another draft, e.g. $OUT/distill/nexus-tiny-draft from the distill step)
 #   serving      lesson 10: the engine vs transformers' generate_batch (serving_gpu.json)         ~6 min
 #
 # The steps run in the order given, inside one deadline of BUDGET_S seconds. Every step has a timeout
@@ -57,7 +58,7 @@ for what in "$@"; do
     quant) step quant_decode 300 python -m nexus_lessons.bench quant_decode --out "$OUT" --budget-s 180 ;;
     prefix) step prefix_ttft 200 python -m nexus_lessons.bench prefix_ttft --out "$OUT" ;;
     distill) step distill 330 python -m nexus_lessons.tiny.distill --out "$OUT/distill" --minutes "${DISTILL_MINUTES:-3.5}" ;;
-    speculative) step speculative 330 python -m nexus_lessons.bench speculative --out "$OUT" ;;
+    speculative) step speculative 330 python -m nexus_lessons.bench speculative --out "$OUT" ${DRAFT:+--draft "$DRAFT"} ;;
     serving) step serving 450 python -m nexus_lessons.bench serving --out "$OUT/serving_gpu.json" ;;
     *) echo "unknown step $what" >&2; status=1 ;;
     esac

@@ -47,7 +47,7 @@ from ..cuda_graph import CUDAGraphDecoder
 from ..generate import generate
 from ..loading import ASSETS, load_model
 from ..speculative import NGramSpeculator, SpeculativeDecoder
-from .common import environment, save_json
+from .common import environment, save_json, top_kernels
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
@@ -135,6 +135,20 @@ def time_sides(sides: dict[str, Callable[[list[int]], Any]], prompts: list[list[
                     ph["rejections"] += sum(a < p for a, p in zip(s.accepted_per_step, s.proposed_per_step))
                     ph["tokens"] += s.new_tokens
     return totals, phases
+
+
+def phase_kernels(baseline: CUDAGraphDecoder, decoders: dict[str, SpeculativeDecoder], ids: torch.Tensor,
+                  new_tokens: int) -> dict[str, Any]:
+    """GPU time per kernel of one replay of each graph: plain decode's step, and each draft decoder's draft
+    and verify phases (where c and v go). Each decoder is set up for `ids` first, so replays stay in bounds."""
+    baseline.prefill(ids)
+    out: dict[str, Any] = {"plain step": top_kernels(baseline._graph(1).replay)}
+    for side, dec in decoders.items():
+        dec.generate(ids, new_tokens)  # builds (or reuses) its static speculator and graphs
+        spec = next(iter(dec._static.values()))
+        spec.prefill(ids, torch.zeros(1, dtype=torch.long, device=ids.device), new_tokens, [])
+        out[side] = {"draft": top_kernels(spec.graphs[0].replay), "verify": top_kernels(spec.graphs[1].replay)}
+    return out
 
 
 def speedups(totals: dict[str, list[float]], base: str) -> dict[str, float]:
@@ -227,9 +241,17 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
                if "predicted_speedup" in row else ""), flush=True)
     best_draft = max((s for s in rows if s.startswith("draft")), key=lambda s: rows[s]["speedup_over_plain"], default=None)
     best_ngram = max((s for s in rows if s.startswith("ngram")), key=lambda s: rows[s]["speedup_over_plain"], default=None)
-    return {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": n,
-            "target_seconds_per_token": t_target, "prefill_seconds": statistics.median(totals["prefill"]) / len(prompts), "alpha_teacher_forced": alpha_tf, "checks": check,
-            "best_draft": best_draft, "best_ngram": best_ngram, "rows": rows}
+    result = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": n,
+              "target_seconds_per_token": t_target, "prefill_seconds": statistics.median(totals["prefill"]) / len(prompts),
+              "alpha_teacher_forced": alpha_tf, "checks": check, "best_draft": best_draft, "best_ngram": best_ngram,
+              "rows": rows}
+    if on_gpu:  # a diagnostic: the kernels of each phase, for the best draft k and the largest
+        sides = {s: decoders[s] for s in dict.fromkeys([best_draft, f"draft k={max(args.draft_k)}"]) if s in decoders}
+        try:
+            result["phase_kernels"] = phase_kernels(baseline, sides, t_in(prompts[0]), n)
+        except Exception as exc:  # its failure must not lose the figures above
+            result["phase_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return result
 
 
 # --- the 1B projection (GPU) ---------------------------------------------------------------------------------
@@ -328,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ngram-k", type=int, nargs="+", default=[3, 5, 8])
     ap.add_argument("--hf-lookup-k", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--draft", default=None, help="a draft model folder (default: the shipped nexus-tiny-draft)")
     ap.add_argument("--smoke", action="store_true", help="random toy models, one short prompt each: seconds")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -336,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     args.prompts = args.prompts or (8 if on_gpu else 4)
     args.edit_prompts = args.edit_prompts or (6 if on_gpu else 3)
-    target_dir, draft_dir = ASSETS / "nexus-tiny", ASSETS / "nexus-tiny-draft"
+    target_dir, draft_dir = ASSETS / "nexus-tiny", Path(args.draft) if args.draft else ASSETS / "nexus-tiny-draft"
     if args.smoke:
         import tempfile
 
@@ -348,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draft, _ = load_model(draft_dir, device=device, dtype=torch.float32, tokenizer=False)
     hf = None if args.skip_hf else _hf_models(target_dir, draft_dir, device)
     results: dict[str, Any] = {"benchmark": "speculative", **environment(), "smoke": args.smoke,
-                               "models": {"target": str(target_dir.name), "draft": str(draft_dir.name),
+                               "models": {"target": str(target_dir.name), "draft": str(args.draft or draft_dir.name),
                                           "draft_layers": draft.config.num_hidden_layers},
                                "greedy": True, "dtype": "float32", "graphs": on_gpu, "reps": args.reps}
     if not on_gpu:
