@@ -23,6 +23,8 @@ prompt, the unfused ops of ``fused_linear_ref`` with ``kernels.norm``'s RMSNorm 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +47,9 @@ def fused_linear_ref(
     return _chain(x, weight, bias, norm_weight, eps, silu_mul, residual, rms_norm_ref, silu_and_mul_ref)
 
 
-def _chain(x, weight, bias, norm_weight, eps, silu_mul, residual, norm, act) -> torch.Tensor:
+def _chain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+           eps: float, silu_mul: bool, residual: torch.Tensor | None, norm: Callable, act: Callable) -> torch.Tensor:
+    """[act] -> [norm] -> linear -> [+ residual], with the given norm and activation."""
     if silu_mul:
         x = act(x)
     if norm_weight is not None:
