@@ -7,6 +7,10 @@ token equality tests compare implementations, not rounding.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,3 +67,14 @@ def tiny_model():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     return model
+
+
+@pytest.fixture
+def interpreted():
+    """Run a script in a fresh process with TRITON_INTERPRET=1 (set before triton loads); it must print ok."""
+    def run(code: str) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+    return run

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -36,10 +32,8 @@ print("ok")
 """
 
 
-def test_kernels_match_float64_and_the_pytorch_ops_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+def test_kernels_match_float64_and_the_pytorch_ops_under_the_interpreter(interpreted):
+    interpreted(CHECK)
 
 
 def test_cpu_path_is_the_pytorch_ops():
