@@ -97,7 +97,7 @@ def _quant_scores(
         z_hi = tl.load(KZ + meta + HALF * stride_zd, mask=meta_mask, other=0.0).to(tl.float32)
         if FOLD and BLOCK_N <= PAGE_SIZE:  # the scale goes onto q, the zero into one bias per query row
             # Levels centred (0..15 -> -8..7, the 8 moved into the bias): q * scale is rounded to DOT_DTYPE,
-            # and that rounding error is multiplied by the levels, so smaller levels halve the scores' error.
+            # and that rounding error is multiplied by the levels, so smaller levels give smaller score errors.
             bias = tl.sum(q32_lo * (z_lo + 8.0 * s_lo), 1) + tl.sum(q32_hi * (z_hi + 8.0 * s_hi), 1)
             s = tl.dot((q32_lo * s_lo).to(DOT_DTYPE), tl.trans((lo - 8.0).to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             s = tl.dot((q32_hi * s_hi).to(DOT_DTYPE), tl.trans((hi - 8.0).to(DOT_DTYPE)), s,
