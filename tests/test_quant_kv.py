@@ -517,14 +517,21 @@ def test_gpu_kernels_equal_their_references(fmt, block_size):
     lens = [1, 2 * block_size, 1000, 3001, 77]  # a single token, an exact multiple, the rest not
     kv, tables, ctx, tails = build_pool(fmt, lens, block_size, 8, 128, torch.bfloat16, seed=9)
     q = torch.randn(len(lens), 32, 128, device=DEV).to(torch.bfloat16)
+    # bf16 outputs of magnitude up to ~5: errors scaled by max(1, |ref|), as the benchmark checks them. int4
+    # keys are dequantized to bf16 for the tensor-core dot (8-bit levels are exact in bf16): one rounding more.
+    tol = 4e-2 if fmt == "int4" else TOL[torch.bfloat16]
+
+    def err(got, want):
+        return ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max().item()
+
     want = Q.quant_decode_attention(q, kv, tables, ctx, tail_slots=tails, impl="reference")
     for splits in (None, 1, 7):
         got = Q.quant_decode_attention(q, kv, tables, ctx, tail_slots=tails, impl="triton", num_splits=splits)
-        assert (got.float() - want.float()).abs().max().item() <= TOL[torch.bfloat16], f"decode splits={splits}"
+        assert err(got, want) <= tol, f"decode splits={splits}: {err(got, want)}"
     q_lens = [1, 5, 600, 33, 77]
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     qx = torch.randn(sum(q_lens), 32, 128, device=DEV).to(torch.bfloat16)
     k_new, v_new = (torch.randn(sum(q_lens), 8, 128, device=DEV).to(torch.bfloat16) for _ in range(2))
     want = Q.quant_extend_attention(qx, kv, tables, ctx, qsl, k_new, v_new, tail_slots=tails, impl="reference")
     got = Q.quant_extend_attention(qx, kv, tables, ctx, qsl, k_new, v_new, tail_slots=tails, impl="triton")
-    assert (got.float() - want.float()).abs().max().item() <= TOL[torch.bfloat16], "extend"
+    assert err(got, want) <= tol, f"extend: {err(got, want)}"

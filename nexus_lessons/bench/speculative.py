@@ -12,7 +12,8 @@ sources):
   file after a local change. nexus-tiny cannot copy text it has read (it has no working induction
   heads: the lesson shows it), so the previous version is its own output, not arbitrary text.
 
-Sides, all on `nexus-tiny` in float32: plain cached decode (`generate(cache="static")` on a CPU, the
+Sides, all on `nexus-tiny` in float32 (on a GPU with `fuse_projections(fused_gemv=True)`, as
+`SpeculativeDecoder` and the engine run it, so forwards of <= 4 tokens use the GEMV kernels): plain cached decode (`generate(cache="static")` on a CPU, the
 CUDA-graph decoder `CUDAGraphDecoder` on a GPU), ours with the draft model and with n-gram lookup over a
 range of k (CUDA graphs on a GPU), and transformers' `generate` plain, with `assistant_model=` and with
 `prompt_lookup_num_tokens=` on the same weights. Before timing, every side's tokens are compared with
@@ -35,7 +36,6 @@ target's shape) with random weights and applies the tiny pair's measured alpha: 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -190,7 +190,7 @@ def run_workload(name: str, target, draft, prompts: list[list[int]], args, hf: d
     sides.update({side: (lambda ids, d=dec: d.generate(t_in(ids), n)) for side, dec in decoders.items()})
     if hf is not None:
         hf_sides = {"transformers generate": {},
-                    f"transformers assisted (draft model)": {"assistant_model": hf["draft"]},
+                    "transformers assisted (draft model)": {"assistant_model": hf["draft"]},
                     f"transformers prompt lookup k={args.hf_lookup_k}": {"prompt_lookup_num_tokens": args.hf_lookup_k}}
         for side, kw in hf_sides.items():
             if name == "edit" and "assisted" in side:
@@ -270,6 +270,7 @@ def projection_1b(alphas: dict[str, float], ks: list[int], new_tokens: int = 64)
     for m in (target, draft):
         for p in m.parameters():
             torch.nn.init.normal_(p, 0, 0.02)
+        m.fuse_projections(fused_gemv=True)
     ids = torch.randint(0, cfg.vocab_size, (1, 32), device="cuda")
     base = CUDAGraphDecoder(target, 1, 32 + new_tokens)
     base.generate(ids, new_tokens)
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     target, tok = load_model(target_dir, device=device, dtype=torch.float32)
     draft, _ = load_model(draft_dir, device=device, dtype=torch.float32, tokenizer=False)
+    if on_gpu:  # what SpeculativeDecoder does to its models on a GPU, done first: plain decode runs the same kernels
+        target.fuse_projections(fused_gemv=True)
+        draft.fuse_projections(fused_gemv=True)
     hf = None if args.skip_hf else _hf_models(target_dir, draft_dir, device)
     results: dict[str, Any] = {"benchmark": "speculative", **environment(), "smoke": args.smoke,
                                "models": {"target": str(target_dir.name), "draft": str(args.draft or draft_dir.name),

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import sdpa
 from ..sampling import logits_to_probs
 from .ngram import NGramSpeculator
 from .rejection import accept_greedy, accept_sampled, draw_uniforms, sample_from
-
 
 MAX_EOS = 8
 
@@ -39,36 +37,53 @@ class SlotKVCache:
     before it). A forward of T tokens writes slots slot..slot+T-1 of every row; query t of row b sees
     the real slots up to its own. The owner moves `slot` (the cache never does): that is the rollback.
     `keys_in_use`, when set, bounds the slots attention reads (eager runs know it; a CUDA graph reads all).
+
+    Every forward here is a few tokens, so its cost is a count of small kernels: what can be done once per
+    forward is (the write positions and the additive mask, shared by all layers), and attention is three
+    ops per layer with the query heads of one KV head stacked as rows of one matrix (no copies of K/V
+    per query head, as grouped-query SDPA makes).
     """
 
     def __init__(self, model, batch_size: int, max_seq_len: int) -> None:
         c, dev = model.config, model.device
+        self.num_kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
+        self.group = c.num_attention_heads // c.num_key_value_heads
         shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
         self.k = [torch.zeros(shape, dtype=model.dtype, device=dev) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=dev) for _ in range(c.num_hidden_layers)]
         self.slot = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self._rows = torch.arange(batch_size, device=dev)[:, None]
         self._keys = torch.arange(max_seq_len, device=dev)
+        # flat index of slot 0 of each (row, KV head) run in a layer's [B * Hkv * S, D] view
+        self._runs = torch.arange(batch_size * c.num_key_value_heads, device=dev).view(batch_size, -1, 1) * max_seq_len
         self.keys_in_use: int | None = None
 
     def begin_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"this cache holds {self.batch_size} rows, got a batch of {B}")
-        idx = self.slot[:, None] + torch.arange(T, device=input_ids.device)  # [B, T] write slots
+        idx = self.slot[:, None] + self._keys[:T]  # [B, T] write slots
+        self._write = (self._runs + idx[:, None]).flatten()  # [B * Hkv * T] rows of the flat view
         j = self._keys[: self.keys_in_use]
-        mask = (j >= self.start[:, None, None]) & (j <= idx[..., None])
-        mask |= j == idx[..., None]  # a padding query sees itself: no fully masked row (NaN)
-        self._idx, self._mask = idx, mask[:, None]
+        visible = (j >= self.start[:, None, None]) & (j <= idx[..., None])
+        visible |= j == idx[..., None]  # a padding query sees itself: no fully masked row (NaN)
+        mask = torch.where(visible, 0.0, float("-inf")).to(self.k[0].dtype)  # [B, T, S]
+        # rows of a KV head's score matrix are (query head in the group, token): the mask repeats per head
+        Hkv, S = self.num_kv_heads, j.shape[0]
+        self._mask = mask[:, None, None].expand(B, Hkv, self.group, T, S).reshape(B * Hkv, self.group * T, S)
         return (idx - self.start[:, None]).clamp(min=0)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.k[layer][self._rows, :, self._idx] = k.transpose(1, 2)
-        self.v[layer][self._rows, :, self._idx] = v.transpose(1, 2)
-        S = self._mask.shape[-1]
-        return sdpa(q, self.k[layer][:, :, :S], self.v[layer][:, :, :S], self._mask)
+        B, Hq, T, D = q.shape
+        kc, vc = self.k[layer], self.v[layer]
+        kc.view(-1, D).index_copy_(0, self._write, k.reshape(-1, D))
+        vc.view(-1, D).index_copy_(0, self._write, v.reshape(-1, D))
+        S, rows = self._mask.shape[-1], B * self.num_kv_heads
+        keys, values = kc[:, :, :S].reshape(rows, S, D), vc[:, :, :S].reshape(rows, S, D)  # views
+        scores = torch.baddbmm(self._mask, q.reshape(rows, self.group * T, D), keys.transpose(1, 2), alpha=D ** -0.5)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, values).view(B, Hq, T, D)
 
 
 @dataclass
