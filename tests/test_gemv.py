@@ -20,6 +20,7 @@ cases = [  # N, K (not multiples of the tiles), rows, bias, norm, silu_mul, resi
     (64, 128, 1, True, True, False, True, (4, 128, 4, 1)),
     (19, 64, 1, False, False, False, False, (32, 256, 4, 1)),
     (40, 300, 1, False, True, True, True, (1, 128, 4, 1)),
+    (29, 90, 4, True, True, False, True, (8, 32, 4, 1)),  # MAX_ROWS rows sharing each row block
 ]
 for dtype, tol in [(torch.float32, 2e-6), (torch.float16, 4e-3)]:
     for N, K, M, bias, norm, silu, res, tile in cases:

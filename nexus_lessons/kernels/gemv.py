@@ -83,10 +83,14 @@ def _build():
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """Program (row block, input row): y[rows] = W[rows, :] @ f(x) over K in BLOCK_K chunks."""
+        """Program (row block, input row): y[rows] = W[rows, :] @ f(x) over K in BLOCK_K chunks.
+
+        The M programs of one row block are adjacent in launch order, so they run side by side and the
+        block's weights come from memory once and from L2 for the other input rows."""
         dtype = Y.dtype.element_ty
-        m = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        M = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+        m = (tl.program_id(0) % M).to(tl.int64)
+        rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         x_row = X + m * stride_xm
         sq = tl.zeros([BLOCK_K], tl.float32)  # sum of squares of x, for the norm
@@ -154,10 +158,10 @@ def launch(
     flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul,
                  RESIDUAL=residual is not None)  # fmt: skip
     if config is None and x.is_cuda:
-        _kernels["tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
+        _kernels["tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)](*args, **flags)
     else:
         block_n, block_k, warps, stages = config or (8, 256, 4, 1)
-        _kernels["plain"][(triton.cdiv(N, block_n), M)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+        _kernels["plain"][(triton.cdiv(N, block_n) * M,)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
                                                         num_warps=warps, num_stages=stages)  # fmt: skip
     return y
 
