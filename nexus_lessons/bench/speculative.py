@@ -13,9 +13,10 @@ sources):
   heads: the lesson shows it), so the previous version is its own output, not arbitrary text.
 
 Sides, all on `nexus-tiny` in float32 (on a GPU with `fuse_projections(fused_gemv=True)`, as
-`SpeculativeDecoder` and the engine run it, so forwards of <= 4 tokens use the GEMV kernels): plain cached decode (`generate(cache="static")` on a CPU, the
-CUDA-graph decoder `CUDAGraphDecoder` on a GPU), ours with the draft model and with n-gram lookup over a
-range of k (CUDA graphs on a GPU), and transformers' `generate` plain, with `assistant_model=` and with
+`SpeculativeDecoder` and the engine run it, so forwards of <= 4 tokens use the GEMV kernels): plain
+cached decode (`generate(cache="static")` on a CPU, the CUDA-graph decoder `CUDAGraphDecoder` on a GPU),
+ours with the draft model and with n-gram lookup over a range of k (CUDA graphs on a GPU), and
+transformers' `generate` plain, with `assistant_model=` and with
 `prompt_lookup_num_tokens=` on the same weights. Before timing, every side's tokens are compared with
 plain `generate`: ours must be equal (asserted); transformers' are recorded.
 

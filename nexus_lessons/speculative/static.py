@@ -38,15 +38,15 @@ class SlotKVCache:
     the real slots up to its own. The owner moves `slot` (the cache never does): that is the rollback.
     `keys_in_use`, when set, bounds the slots attention reads (eager runs know it; a CUDA graph reads all).
 
-    Every forward here is a few tokens, so its cost is a count of small kernels: what can be done once per
-    forward is (the write positions and the additive mask, shared by all layers), and attention is three
-    ops per layer with the query heads of one KV head stacked as rows of one matrix (no copies of K/V
-    per query head, as grouped-query SDPA makes).
+    Every forward here is a few tokens, so its cost is a count of small kernels. The write positions and
+    the additive mask are built once per forward for all layers, and attention is three ops per layer,
+    the query heads of one KV head stacked as rows of one matrix (no copy of K/V per query head, as
+    grouped-query SDPA makes).
     """
 
     def __init__(self, model, batch_size: int, max_seq_len: int) -> None:
         c, dev = model.config, model.device
-        self.num_kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
+        self.num_kv_heads = c.num_key_value_heads
         self.group = c.num_attention_heads // c.num_key_value_heads
         shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
         self.k = [torch.zeros(shape, dtype=model.dtype, device=dev) for _ in range(c.num_hidden_layers)]
