@@ -182,11 +182,12 @@ class Transformer(nn.Module):
             gemv.build()
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-            # Plain attributes, not submodules: the state_dict keeps transformers' names.
-            object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
-            attn.qkv_sizes = [p.out_features for p in parts]
-            object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
+            if attn.qkv_proj is None:  # already fused: only the GEMV setting changes
+                parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+                # Plain attributes, not submodules: the state_dict keeps transformers' names.
+                object.__setattr__(attn, "qkv_proj", _fuse_linears(parts))
+                attn.qkv_sizes = [p.out_features for p in parts]
+                object.__setattr__(mlp, "gate_up_proj", _fuse_linears([mlp.gate_proj, mlp.up_proj]))
             layer.gemv = gemv.fused_linear if fused_gemv else None
         self.gemv = gemv.fused_linear if fused_gemv else None
         return self

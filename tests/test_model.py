@@ -92,6 +92,11 @@ def test_fused_projections_change_nothing(tiny_model):
         got = tiny_model(ids)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     assert set(tiny_model.state_dict()) == {k for k in tiny_model.state_dict() if "qkv" not in k and "gate_up" not in k}
+    fused = tiny_model.layers[0].self_attn.qkv_proj
+    tiny_model.fuse_projections(fused_gemv=True)  # fusing again keeps the fused weights, sets only the GEMV
+    assert tiny_model.layers[0].self_attn.qkv_proj is fused and tiny_model.layers[0].gemv is not None
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(ids), ref, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "paged", "paged+rope"])

@@ -138,7 +138,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context of {limit} tokens")
         eos = mc.eos_token_id if getattr(self.tokenizer, "eos_token_id", None) is None else self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        if self.model.device.type == "cuda" and self.model.layers[0].gemv is None:
+        if self.model.device.type == "cuda":
             # One matmul for q/k/v and one for gate/up; at <= 4 rows one GEMV kernel per projection with the
             # norm, activation and residual folded in (kernels.gemv). Off the GPU the plain layers run.
             self.model.fuse_projections(fused_gemv=True)

@@ -99,7 +99,7 @@ class SpeculativeDecoder:
         if self.use_graph and target_model.device.type != "cuda":
             raise ValueError("CUDA graphs need the models on a CUDA device")
         for model in (target_model, draft):
-            if isinstance(model, Transformer) and model.device.type == "cuda" and model.layers[0].gemv is None:
+            if isinstance(model, Transformer) and model.device.type == "cuda":
                 # As the engine does: a forward of <= 4 tokens (a draft step, verifying k <= 3) then runs
                 # each projection as one GEMV kernel with the norm, activation and residual folded in.
                 model.fuse_projections(fused_gemv=True)
